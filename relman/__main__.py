@@ -1,0 +1,3 @@
+from relman.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Exceptions raised by relman, in one tree.
+
+    RelmanError                  exit code 1
+    ├── InputError               bad value from the user (path, version, option)
+    ├── ManifestError            a manifest that is not well formed or unsafe
+    ├── ConflictError            the repository already holds other content
+    ├── FetchError               a mirror could not be reached or answered badly
+    └── VerificationError        exit code 3: a signature, chain or hash check failed
+        ├── SignatureError       the CMS signature or its certificate chain
+        └── IntegrityError       bytes that do not match their SHA-256 or size
+
+Every message names the value involved and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class RelmanError(Exception):
+    """Base class: an operation failed in a way the user can act on."""
+
+    exit_code = 1
+
+
+class InputError(RelmanError):
+    """A path, version or option given by the user is invalid."""
+
+
+class ManifestError(RelmanError):
+    """A manifest is malformed, or names a path that is not safe to deploy."""
+
+
+class ConflictError(RelmanError):
+    """The target already holds different content under the same name."""
+
+
+class FetchError(RelmanError):
+    """A mirror could not be reached, or answered with an unexpected status."""
+
+
+class VerificationError(RelmanError):
+    """A signature, certificate chain or content hash did not verify."""
+
+    exit_code = 3
+
+
+class SignatureError(VerificationError):
+    """The CMS signature or the signer's certificate chain is not acceptable."""
+
+
+class IntegrityError(VerificationError):
+    """Bytes do not match the SHA-256 digest or the size they were declared with."""

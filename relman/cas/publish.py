@@ -1,0 +1,66 @@
+"""Publishing: verify a signed manifest, store its blobs, make it visible."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from relman.cas.cms import SignerInfo, verify_detached
+from relman.cas.manifest import manifest_hash, parse_manifest_bytes
+from relman.cas.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What a publish did."""
+
+    version: str
+    manifest_hash: str
+    signer: SignerInfo
+    created: bool
+    bytes_copied: int
+
+
+def publish_release(
+    repository: Repository,
+    body: bytes,
+    signature: bytes,
+    release_dir: str | Path,
+    trust_roots: list[x509.Certificate] | None,
+    timestamp: bytes | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PublishResult:
+    """Verify, copy blobs, then store the manifest; all under the repository lock.
+
+    Publishing a version again with the same manifest changes nothing.
+
+    Raises:
+        SignatureError: the signature or its chain does not verify.
+        ManifestError: the manifest is malformed or unsafe.
+        ConflictError: the version exists with other content.
+        IntegrityError: a file no longer matches the manifest.
+    """
+    manifest = parse_manifest_bytes(body)
+    signer = verify_detached(body, signature, trust_roots)
+    with repository.lock():
+        if repository.has_release(manifest.version):
+            # Raises ConflictError on different content, before any copying.
+            created = repository.store_release(body, signature, timestamp)
+            return PublishResult(manifest.version, manifest_hash(body), signer, created, 0)
+        copied = repository.import_blobs(manifest, release_dir, progress)
+        created = repository.store_release(body, signature, timestamp)
+        repository.write_catalog()
+    logger.info(
+        "published %s (%d files, %d bytes copied) signed by %s",
+        manifest.version,
+        len(manifest.files),
+        copied,
+        signer.subject,
+    )
+    return PublishResult(manifest.version, manifest_hash(body), signer, created, copied)

@@ -1,0 +1,1 @@
+"""The update engine on a node: pull with resume, staging, the atomic flip, rollback."""

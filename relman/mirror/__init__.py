@@ -1,0 +1,1 @@
+"""The HTTP mirror: repository paths and the JSON API over aiohttp."""
