@@ -60,7 +60,7 @@ _MACHO_FAT = b"\xca\xfe\xba\xbe"
 
 @dataclass(frozen=True)
 class BinaryInfo:
-    """What a binary header tells: platform, architecture and shared-library flag."""
+    """Facts from a binary header: platform, architecture and shared-library flag."""
 
     platform: str
     architecture: str
@@ -115,8 +115,8 @@ def _read_macho(head: bytes) -> BinaryInfo | None:
 
 
 def _read_fat_macho(head: bytes) -> BinaryInfo | None:
-    # The same magic starts Java class files; a fat header has few architectures,
-    # while a class file has its version number (45 or more) in that place.
+    # Java class files start with the same magic. A fat header counts a few
+    # architectures there, but a class file has its version number (45 or more).
     (count,) = struct.unpack_from(">I", head, 4)
     if not 0 < count < 20:
         return None

@@ -96,7 +96,7 @@ def verify_detached(
     """Verify a detached CMS signature over ``data`` and the signer's chain.
 
     With ``trust_roots`` None, steps 1 to 4 run and the chain is not checked:
-    the signature is intact, but nothing says who may have made it.
+    the signature is intact, but its signer is not authenticated.
 
     Raises:
         SignatureError: any step of the module's checklist fails; the message

@@ -287,10 +287,9 @@ def _run_publish(arguments: argparse.Namespace) -> int:
     if trust is None:
         logger.warning("no --trust given: the signer's certificate chain is not checked")
     manifest = parse_manifest_bytes(body)
-    repository = Repository.create(arguments.repo)
     with progress_bar(manifest.total_size, f"publishing {manifest.version}") as bar:
         result = publish_release(
-            repository, body, signature, arguments.release_dir, trust, progress=bar.update
+            arguments.repo, body, signature, arguments.release_dir, trust, progress=bar.update
         )
     state = "published" if result.created else "already published, nothing changed"
     emit(

@@ -3,8 +3,8 @@
     RelmanError                  exit code 1
     ├── InputError               bad value from the user (path, version, option)
     ├── ManifestError            a manifest that is not well formed or unsafe
-    ├── ConflictError            the repository already holds other content
-    ├── FetchError               a mirror could not be reached or answered badly
+    ├── ConflictError            the repository contains other content
+    ├── FetchError               a mirror could not be reached or responded with an error
     └── VerificationError        exit code 3: a signature, chain or hash check failed
         ├── SignatureError       the CMS signature or its certificate chain
         └── IntegrityError       bytes that do not match their SHA-256 or size
@@ -30,11 +30,11 @@ class ManifestError(RelmanError):
 
 
 class ConflictError(RelmanError):
-    """The target already holds different content under the same name."""
+    """The target already contains different content under the same name."""
 
 
 class FetchError(RelmanError):
-    """A mirror could not be reached, or answered with an unexpected status."""
+    """A mirror could not be reached, or responded with an unexpected status."""
 
 
 class VerificationError(RelmanError):

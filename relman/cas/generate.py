@@ -46,7 +46,7 @@ def build_manifest(
         validate_version(info.min_upgrade_from)
     files = scan_release(release_dir, exclude, threads, progress)
     if not files:
-        raise InputError(f"release folder {str(release_dir)!r} holds no files")
+        raise InputError(f"release folder {str(release_dir)!r} contains no files")
     release_date = info.release_date or _default_release_date(Path(release_dir), files)
     manifest = Manifest(
         version=info.version,

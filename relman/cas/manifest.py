@@ -1,8 +1,8 @@
 """The release manifest: the signed description of one release.
 
-``Manifest.to_dict`` gives the signed body; ``manifest_bytes`` gives its
-RFC 8785 canonical form, which is what ``manifest.json`` holds and what the
-CMS signature covers. ``Manifest.from_dict`` accepts only a well-formed body:
+``Manifest.to_dict`` returns the signed body and ``Manifest.canonical`` its
+RFC 8785 canonical bytes. Those bytes are the content of ``manifest.json``
+and what the CMS signature covers. ``Manifest.from_dict`` accepts only a well-formed body:
 unknown keys, wrong types and unsafe paths raise ManifestError.
 """
 

@@ -158,7 +158,7 @@ def load_certificates(path: str | Path) -> list[x509.Certificate]:
         else:
             certificates = [x509.load_der_x509_certificate(data)]
     except ValueError as error:
-        raise InputError(f"{str(path)!r} holds no valid X.509 certificate: {error}") from error
+        raise InputError(f"{str(path)!r} contains no valid X.509 certificate: {error}") from error
     return certificates
 
 

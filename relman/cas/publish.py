@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PublishResult:
-    """What a publish did."""
+    """Outcome of a publish."""
 
     version: str
     manifest_hash: str
@@ -28,7 +28,7 @@ class PublishResult:
 
 
 def publish_release(
-    repository: Repository,
+    repository_root: str | Path,
     body: bytes,
     signature: bytes,
     release_dir: str | Path,
@@ -38,6 +38,7 @@ def publish_release(
 ) -> PublishResult:
     """Verify, copy blobs, then store the manifest; all under the repository lock.
 
+    The repository folder is created only once the signature has verified.
     Publishing a version again with the same manifest changes nothing.
 
     Raises:
@@ -48,6 +49,7 @@ def publish_release(
     """
     manifest = parse_manifest_bytes(body)
     signer = verify_detached(body, signature, trust_roots)
+    repository = Repository.create(repository_root)
     with repository.lock():
         if repository.has_release(manifest.version):
             # Raises ConflictError on different content, before any copying.

@@ -5,7 +5,7 @@ Hashing runs on a thread pool; hashlib releases the GIL while it hashes, so
 threads use several cores.
 
 Symlinks are recorded, not followed: an entry of type ``symlink`` whose blob
-holds the link target. A target must be relative and stay inside the folder;
+contains the link target. A target must be relative and stay inside the folder;
 an absolute target that points inside the folder is rewritten as the
 equivalent relative one. Sockets, devices, fifos and symlinks that leave the
 folder raise InputError naming the path. Empty folders are not recorded.
@@ -62,7 +62,7 @@ def scan_release(
         progress: called with the byte count of each file once it is hashed.
 
     Raises:
-        InputError: ``root`` is not a folder, or holds a file of a kind that
+        InputError: ``root`` is not a folder, or contains a file of a kind that
             cannot be released or a symlink that leaves it.
     """
     root_path = Path(root)

@@ -1,0 +1,204 @@
+"""Pull a release from a mirror into the node's store.
+
+Order of checks, each before the next step:
+
+1. the envelope's body, canonicalised, hashes to its ``manifest_hash``;
+2. the CMS signature over those bytes verifies, with the chain to the trust roots;
+3. the manifest parses and every path is safe;
+4. only then are blobs fetched, and each is checked against its digest and size.
+
+The manifest becomes visible in the store only after all its blobs are there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from cryptography import x509
+
+from relman.cas.canonical import canonical_bytes, sha256_hex
+from relman.cas.cms import SignerInfo, verify_detached
+from relman.cas.errors import IntegrityError, ManifestError, SignatureError
+from relman.cas.manifest import ENVELOPE_KEYS, Manifest, parse_manifest_bytes
+from relman.client.fetch import BlobFetcher, DownloadStats, get_json, manifest_path
+from relman.client.node import Node
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 4
+DEFAULT_TIMEOUT_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class VerifiedEnvelope:
+    """A manifest whose signature has verified, with the bytes it was verified over."""
+
+    manifest: Manifest
+    body: bytes
+    signature: bytes
+    timestamp: bytes | None
+    signer: SignerInfo
+
+    @property
+    def manifest_hash(self) -> str:
+        return sha256_hex(self.body)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """Outcome of a pull: the version and the download counts."""
+
+    version: str
+    manifest_hash: str
+    release_size: int
+    missing_blobs: int
+    stats: DownloadStats
+    seconds: float
+
+
+def verify_envelope(envelope: object, trust_roots: list[x509.Certificate]) -> VerifiedEnvelope:
+    """Rebuild the signed bytes from an API envelope and verify them (steps 1 to 3).
+
+    Raises:
+        IntegrityError: the body does not hash to the envelope's manifest_hash.
+        SignatureError: the signature is missing, malformed or does not verify.
+        ManifestError: the signed manifest is malformed or names an unsafe path.
+    """
+    if not isinstance(envelope, dict):
+        raise ManifestError("the mirror's manifest envelope is not a JSON object")
+    body_fields = {key: value for key, value in envelope.items() if key not in ENVELOPE_KEYS}
+    body = canonical_bytes(body_fields)
+
+    # 1. The body matches the hash the envelope announces.
+    declared = envelope.get("manifest_hash")
+    if sha256_hex(body) != declared:
+        raise IntegrityError(
+            f"manifest hash mismatch: the envelope declares {declared!r}, the body "
+            f"hashes to {sha256_hex(body)}"
+        )
+
+    # 2. The signature verifies over exactly those bytes.
+    try:
+        signature = base64.b64decode(envelope.get("signature") or "", validate=True)
+    except (binascii.Error, TypeError) as error:
+        raise SignatureError("the envelope's signature is not valid base64") from error
+    if not signature:
+        raise SignatureError("the envelope carries no signature")
+    signer = verify_detached(body, signature, trust_roots)
+
+    # 3. The signed manifest is well formed.
+    manifest = parse_manifest_bytes(body)
+    token = envelope.get("timestamp_token")
+    timestamp = base64.b64decode(token) if isinstance(token, str) and token else None
+    return VerifiedEnvelope(manifest, body, signature, timestamp, signer)
+
+
+async def pull_release(
+    mirror: str,
+    root: str | Path,
+    trust_roots: list[x509.Certificate],
+    version: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    progress_factory: Callable[[int, str], object] | None = None,
+) -> PullResult:
+    """Fetch the manifest of ``version`` (default: the latest) and the blobs the node lacks."""
+    started = time.monotonic()
+    node = Node.open(root, create=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=DEFAULT_TIMEOUT_SECONDS, sock_read=DEFAULT_TIMEOUT_SECONDS)
+    async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
+        envelope = await get_json(session, mirror, manifest_path(version))
+        try:
+            verified = await asyncio.to_thread(verify_envelope, envelope, trust_roots)
+        except Exception as error:
+            _audit(node, "pull", version, "rejected", mirror=mirror, reason=str(error))
+            raise
+        if version is not None and verified.manifest.version != version:
+            raise ManifestError(
+                f"the mirror returned version {verified.manifest.version} when asked for {version}"
+            )
+        store = node.store
+        missing = _missing_blobs(verified.manifest, store.blobs)
+        total = sum(missing.values())
+        logger.info(
+            "pulling %s: %d of %d blobs missing, %d bytes",
+            verified.manifest.version,
+            len(missing),
+            len(verified.manifest.files),
+            total,
+        )
+        bar = progress_factory(total, f"pull {verified.manifest.version}") if progress_factory else None
+        fetcher = BlobFetcher(session, mirror, store.blobs, progress=bar.update if bar else None)
+        try:
+            await _fetch_all(fetcher, missing, concurrency)
+        finally:
+            if bar:
+                bar.close()
+
+    await asyncio.to_thread(_record, node, verified, mirror)
+    return PullResult(
+        verified.manifest.version,
+        verified.manifest_hash,
+        verified.manifest.total_size,
+        len(missing),
+        fetcher.stats,
+        time.monotonic() - started,
+    )
+
+
+def _missing_blobs(manifest: Manifest, blobs) -> dict[str, int]:  # noqa: ANN001
+    missing: dict[str, int] = {}
+    for entry in manifest.files:
+        if entry.sha256_hash not in missing and not blobs.has(entry.sha256_hash):
+            missing[entry.sha256_hash] = entry.size_bytes
+    return missing
+
+
+async def _fetch_all(fetcher: BlobFetcher, missing: dict[str, int], concurrency: int) -> None:
+    """Fetch every missing blob, at most ``concurrency`` at once; stop at the first failure."""
+    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    for item in sorted(missing.items(), key=lambda pair: -pair[1]):
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                digest, size = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await fetcher.fetch(digest, size)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _record(node: Node, verified: VerifiedEnvelope, mirror: str) -> None:
+    with node.lock():
+        node.store.store_release(verified.body, verified.signature, verified.timestamp)
+        with node.state() as state:
+            state.record_verified(
+                verified.manifest.version,
+                verified.manifest_hash,
+                verified.signer.subject,
+                verified.signer.fingerprint,
+                mirror,
+            )
+            state.audit("pull", verified.manifest.version, "ok", mirror=mirror, manifest_hash=verified.manifest_hash)
+
+
+def _audit(node: Node, action: str, version: str | None, outcome: str, **detail: object) -> None:
+    with node.state() as state:
+        state.audit(action, version, outcome, **detail)
