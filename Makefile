@@ -6,13 +6,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv system-packages clean
+.PHONY: demo test lint venv system-packages clean
 
 demo: $(STAMP)
 	$(BIN)/relman demo
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check relman tests bench
+	$(BIN)/ruff format --check relman tests bench
 
 venv: $(STAMP)
 

@@ -30,18 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"relman {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log more (repeat for debug output)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more (repeat for debug output)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log errors only")
-    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subcommands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True
+    )
 
     for module in (cas_commands, mirror_commands, client_commands, demo):
         module.register(subcommands)
     return parser
 
 
-def configure_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING
+def configure_logging(
+    verbose: int, quiet: bool, default: int = logging.WARNING
+) -> None:
+    """Send log records to stderr; services default to INFO, other commands to WARNING."""
+    level = default
     if quiet:
         level = logging.ERROR
     elif verbose == 1:
@@ -58,7 +67,11 @@ def configure_logging(verbose: int, quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    configure_logging(arguments.verbose, arguments.quiet)
+    configure_logging(
+        arguments.verbose,
+        arguments.quiet,
+        getattr(arguments, "log_level", logging.WARNING),
+    )
     try:
         result = arguments.handler(arguments)
     except RelmanError as error:

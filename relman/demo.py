@@ -76,13 +76,18 @@ def run_demo(arguments: argparse.Namespace) -> int:
         workdir = Path(arguments.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         if any(workdir.iterdir()):
-            raise InputError(f"--workdir {str(workdir)!r} is not empty; choose an empty or new folder")
+            raise InputError(
+                f"--workdir {str(workdir)!r} is not empty; choose an empty or new folder"
+            )
         keep = True
     else:
         workdir = Path(tempfile.mkdtemp(prefix="relman-demo-"))
         keep = arguments.keep
     print(f"relman demo in {workdir}")
-    print(f"release 1.0.0 is {source}" + (f" without {', '.join(excludes)}" if excludes else ""))
+    print(
+        f"release 1.0.0 is {source}"
+        + (f" without {', '.join(excludes)}" if excludes else "")
+    )
     try:
         _run_steps(source, excludes, workdir)
     finally:
@@ -118,26 +123,41 @@ def _run_steps(source: Path, excludes: tuple[str, ...], workdir: Path) -> None:
 
     _step("create a development PKI", lambda: init_pki(pki))
     trust = load_certificates(pki / "ca.pem")
-    _step("make release 1.1.0: copy 1.0.0, change, add and remove files",
-          lambda: _make_second_release(source, excludes, second_tree))
+    _step(
+        "make release 1.1.0: copy 1.0.0, change, add and remove files",
+        lambda: _make_second_release(source, excludes, second_tree),
+    )
 
     for version, tree in (("1.0.0", source), ("1.1.0", second_tree)):
-        _step(f"generate, sign and publish {version}",
-              lambda version=version, tree=tree: _publish(version, tree, excludes, pki, repo, trust, workdir))
+        _step(
+            f"generate, sign and publish {version}",
+            lambda version=version, tree=tree: _publish(
+                version, tree, excludes, pki, repo, trust, workdir
+            ),
+        )
 
     with _mirror(repo) as url:
         print(f"\n   mirror serving {repo} on {url}")
         for version in ("1.0.0", "1.1.0"):
-            _step(f"node pulls {version}", lambda version=version: _pull(url, node, trust, version))
-            _step(f"node applies {version}", lambda version=version: _apply(node, version))
+            _step(
+                f"node pulls {version}",
+                lambda version=version: _pull(url, node, trust, version),
+            )
+            _step(
+                f"node applies {version}", lambda version=version: _apply(node, version)
+            )
         _step("node rolls back", lambda: _rollback(node))
     print("\n   mirror stopped")
-    print(f"\nnode: current -> {os.readlink(node / 'current')}, previous -> {os.readlink(node / 'previous')}")
+    print(
+        f"\nnode: current -> {os.readlink(node / 'current')}, previous -> {os.readlink(node / 'previous')}"
+    )
 
 
 def _make_second_release(source: Path, excludes: tuple[str, ...], target: Path) -> None:
     copied = _link_or_copy_tree(source, target, excludes)
-    files = sorted(path for path in target.rglob("*") if path.is_file() and not path.is_symlink())
+    files = sorted(
+        path for path in target.rglob("*") if path.is_file() and not path.is_symlink()
+    )
     if len(files) < CHANGED_FILES + REMOVED_FILES:
         raise InputError(
             f"--source contains {len(files)} files; the demo needs at least "
@@ -155,8 +175,12 @@ def _make_second_release(source: Path, excludes: tuple[str, ...], target: Path) 
     added = target / "relman-demo-added"
     added.mkdir()
     for number in range(ADDED_FILES):
-        (added / f"file-{number}.txt").write_text(f"added in 1.1.0, file {number}\n" * 100)
-    print(f"   {copied} files copied, {CHANGED_FILES} changed, {ADDED_FILES} added, {REMOVED_FILES} removed")
+        (added / f"file-{number}.txt").write_text(
+            f"added in 1.1.0, file {number}\n" * 100
+        )
+    print(
+        f"   {copied} files copied, {CHANGED_FILES} changed, {ADDED_FILES} added, {REMOVED_FILES} removed"
+    )
 
 
 def _link_or_copy_tree(source: Path, target: Path, excludes: tuple[str, ...]) -> int:
@@ -182,7 +206,9 @@ def _link_or_copy_tree(source: Path, target: Path, excludes: tuple[str, ...]) ->
     return count
 
 
-def _publish(version: str, tree: Path, excludes, pki: Path, repo: Path, trust, workdir: Path) -> None:  # noqa: ANN001
+def _publish(
+    version: str, tree: Path, excludes, pki: Path, repo: Path, trust, workdir: Path
+) -> None:  # noqa: ANN001
     manifest = build_manifest(tree, ReleaseInfo(version=version), excludes)
     body = manifest.canonical()
     manifest_file = workdir / f"manifest-{version}.json"
@@ -198,7 +224,9 @@ def _publish(version: str, tree: Path, excludes, pki: Path, repo: Path, trust, w
 
 def _pull(url: str, node: Path, trust, version: str) -> None:  # noqa: ANN001
     result = uvloop.run(pull_release(url, node, trust, version))
-    share = result.stats.bytes_received / result.release_size if result.release_size else 0
+    share = (
+        result.stats.bytes_received / result.release_size if result.release_size else 0
+    )
     print(
         f"   fetched {result.stats.blobs_fetched} blobs, "
         f"{format_bytes(result.stats.bytes_received)} of a "
@@ -208,8 +236,10 @@ def _pull(url: str, node: Path, trust, version: str) -> None:  # noqa: ANN001
 
 def _apply(node: Path, version: str) -> None:
     result = apply_release(node, version)
-    print(f"   current -> releases/{result.version}, previous -> {result.previous or 'none'}, "
-          f"{result.files} files hard-linked from the store")
+    print(
+        f"   current -> releases/{result.version}, previous -> {result.previous or 'none'}, "
+        f"{result.files} files hard-linked from the store"
+    )
 
 
 def _rollback(node: Path) -> None:
@@ -221,7 +251,19 @@ def _rollback(node: Path) -> None:
 def _mirror(repo: Path) -> Iterator[str]:
     """Run ``relman serve`` on a free port of 127.0.0.1; yield its URL, then stop it."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "relman", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "relman",
+            "--quiet",
+            "serve",
+            "--repo",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -247,4 +289,6 @@ def _read_url(process: subprocess.Popen) -> str:
         match = re.search(r"http://\S+", line)
         if match:
             return match.group(0)
-    raise RelmanError(f"the mirror did not start within {SERVER_START_SECONDS} s (exit code {process.poll()})")
+    raise RelmanError(
+        f"the mirror did not start within {SERVER_START_SECONDS} s (exit code {process.poll()})"
+    )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +20,9 @@ from pathlib import Path
 RELMAN = [sys.executable, "-m", "relman"]
 
 
-def relman(*args: str | os.PathLike, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+def relman(
+    *args: str | os.PathLike, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run the real ``relman`` command; with ``check``, fail the test on a non-zero exit."""
     completed = subprocess.run(
         [*RELMAN, *map(str, args)], capture_output=True, text=True, timeout=timeout
@@ -30,7 +35,9 @@ def relman(*args: str | os.PathLike, check: bool = True, timeout: float = 120) -
     return completed
 
 
-def make_release_tree(root: Path, big_size: int = 3 * 1024 * 1024, seed: int = 1) -> Path:
+def make_release_tree(
+    root: Path, big_size: int = 3 * 1024 * 1024, seed: int = 1
+) -> Path:
     """Write a small release: an ELF binary, a script, a library, config, data, a symlink."""
     (root / "bin").mkdir(parents=True)
     (root / "lib").mkdir()
@@ -40,7 +47,9 @@ def make_release_tree(root: Path, big_size: int = 3 * 1024 * 1024, seed: int = 1
     os.chmod(root / "bin" / "server", 0o755)
     (root / "bin" / "start.sh").write_text("#!/bin/sh\nexec ./server\n")
     os.chmod(root / "bin" / "start.sh", 0o750)
-    (root / "lib" / "libdemo.so.1").write_bytes(b"\x7fELF" + b"\x02\x01\x01" + bytes(9) + b"\x03\x00\x3e\x00" + bytes(44))
+    (root / "lib" / "libdemo.so.1").write_bytes(
+        b"\x7fELF" + b"\x02\x01\x01" + bytes(9) + b"\x03\x00\x3e\x00" + bytes(44)
+    )
     os.symlink("libdemo.so.1", root / "lib" / "libdemo.so")
     (root / "etc" / "app.conf").write_text("port = 8080\n")
     (root / "share" / "data" / "notes.txt").write_text("same in every release\n")
@@ -68,33 +77,102 @@ class Published:
         return self.pki / "ca.pem"
 
 
-def publish_version(work: Path, pki: Path, repo: Path, version: str, tree: Path) -> Path:
+def publish_version(
+    work: Path, pki: Path, repo: Path, version: str, tree: Path
+) -> Path:
     manifest = work / f"manifest-{version}.json"
-    relman("generate", "--version", version, "--release-dir", tree, "--output", manifest)
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
-    relman("publish", "--repo", repo, "--manifest", manifest, "--release-dir", tree, "--trust", pki / "ca.pem")
+    relman(
+        "generate", "--version", version, "--release-dir", tree, "--output", manifest
+    )
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
+    relman(
+        "publish",
+        "--repo",
+        repo,
+        "--manifest",
+        manifest,
+        "--release-dir",
+        tree,
+        "--trust",
+        pki / "ca.pem",
+    )
     return manifest
 
 
-class MirrorProcess:
-    """A real ``relman serve`` subprocess on 127.0.0.1 and a free port."""
+@dataclass
+class Reply:
+    """One HTTP response, read whole."""
 
-    def __init__(self, repo: Path):
-        self.process = subprocess.Popen(
-            [*RELMAN, "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+class MirrorProcess:
+    """A real ``relman serve`` subprocess on 127.0.0.1 and a free port.
+
+    Its stderr goes to a file in ``log_folder`` (a new temporary folder by
+    default), so a busy server never blocks on a full pipe.
+    """
+
+    def __init__(self, repo: Path, log_folder: Path | None = None, *flags: str):
+        folder = Path(log_folder or tempfile.mkdtemp(prefix="relman-serve-"))
+        self.stderr_path = folder / f"serve-{len(list(folder.glob('serve-*')))}.log"
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [
+                    *RELMAN,
+                    *flags,
+                    "serve",
+                    "--repo",
+                    str(repo),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         line = self.process.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        match = re.fullmatch(
+            rf"serving {re.escape(str(repo))} on http://127\.0\.0\.1:(\d+)\n", line
+        )
         if not match:
             self.stop()
-            raise AssertionError(f"mirror did not start: {line!r} {self.process.stderr.read()}")
+            raise AssertionError(f"serve printed {line!r}, stderr: {self.stderr()}")
         self.port = int(match.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def request(
+        self, path: str, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> Reply:
+        """Send one request with the path exactly as given, no normalisation."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            connection.close()
+
     def stop(self) -> None:
+        """Stop the server with SIGTERM, or SIGKILL after 10 seconds."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -102,6 +180,8 @@ class MirrorProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 @dataclass
@@ -133,14 +213,18 @@ class RelayProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", 0)
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._server = server
         self._ready.set()
         self._loop.run_forever()
 
     async def _handle(self, client_reader, client_writer) -> None:  # noqa: ANN001
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self.upstream_port
+        )
         state = {"blob": False}
 
         async def upstream_direction() -> None:
@@ -156,10 +240,14 @@ class RelayProxy:
             sent = 0
             cut = False
             while data := await upstream_reader.read(16384):
-                if state["blob"] and self.cut_after is not None and self.cut_connections > 0:
+                if (
+                    state["blob"]
+                    and self.cut_after is not None
+                    and self.cut_connections > 0
+                ):
                     room = self.cut_after - sent
                     if room <= len(data):
-                        data = data[:max(room, 0)]
+                        data = data[: max(room, 0)]
                         cut = True
                 sent += len(data)
                 self.response_bytes += len(data)
@@ -173,7 +261,9 @@ class RelayProxy:
             client_writer.close()
             upstream_writer.close()
 
-        await asyncio.gather(upstream_direction(), client_direction(), return_exceptions=True)
+        await asyncio.gather(
+            upstream_direction(), client_direction(), return_exceptions=True
+        )
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._server.close)
@@ -198,5 +288,10 @@ def tree_snapshot(root: Path) -> dict[str, tuple]:
     for path in sorted(root.rglob("*")):
         info = path.lstat()
         target = os.readlink(path) if path.is_symlink() else None
-        result[str(path.relative_to(root))] = (info.st_mode, info.st_size, target, info.st_ino)
+        result[str(path.relative_to(root))] = (
+            info.st_mode,
+            info.st_size,
+            target,
+            info.st_ino,
+        )
     return result

@@ -20,7 +20,17 @@ def tree(tmp_path: Path) -> Path:
 
 
 def generate(tree: Path, output: Path, *extra: str, check: bool = True):
-    return relman("generate", "--version", "1.0.0", "--release-dir", tree, "--output", output, *extra, check=check)
+    return relman(
+        "generate",
+        "--version",
+        "1.0.0",
+        "--release-dir",
+        tree,
+        "--output",
+        output,
+        *extra,
+        check=check,
+    )
 
 
 def load(path: Path) -> dict:
@@ -40,12 +50,31 @@ def test_generate_writes_canonical_json(tree: Path, tmp_path: Path) -> None:
 
 
 def test_generate_manifest_fields(tree: Path, tmp_path: Path) -> None:
-    generate(tree, tmp_path / "m.json", "--critical", "--min-upgrade-from", "0.9.0",
-             "--dependency", "libc>=2.31", "--build-commit", "abc123", "--release-notes", "notes")
+    generate(
+        tree,
+        tmp_path / "m.json",
+        "--critical",
+        "--min-upgrade-from",
+        "0.9.0",
+        "--dependency",
+        "libc>=2.31",
+        "--build-commit",
+        "abc123",
+        "--release-notes",
+        "notes",
+    )
     manifest = load(tmp_path / "m.json")
     assert set(manifest) == {
-        "schema_version", "version", "tag_name", "release_notes", "release_date",
-        "is_critical", "build", "dependencies", "min_upgrade_from", "files",
+        "schema_version",
+        "version",
+        "tag_name",
+        "release_notes",
+        "release_date",
+        "is_critical",
+        "build",
+        "dependencies",
+        "min_upgrade_from",
+        "files",
     }
     assert manifest["version"] == "1.0.0"
     assert manifest["tag_name"] == "v1.0.0"
@@ -61,8 +90,14 @@ def test_generate_file_entries(tree: Path, tmp_path: Path) -> None:
     files = {entry["path"]: entry for entry in load(tmp_path / "m.json")["files"]}
     assert list(files) == sorted(files)
     assert set(files) == {
-        "bin/server", "bin/start.sh", "empty.dat", "etc/app.conf", "lib/libdemo.so",
-        "lib/libdemo.so.1", "share/data/big.bin", "share/data/notes.txt",
+        "bin/server",
+        "bin/start.sh",
+        "empty.dat",
+        "etc/app.conf",
+        "lib/libdemo.so",
+        "lib/libdemo.so.1",
+        "share/data/big.bin",
+        "share/data/notes.txt",
     }
     server = files["bin/server"]
     assert server["type"] == "executable"
@@ -105,7 +140,9 @@ def test_generate_rewrites_absolute_link_inside(tree: Path, tmp_path: Path) -> N
         ("/etc/x", "outside the release folder"),
     ],
 )
-def test_generate_rejects_link_leaving_tree(tree: Path, tmp_path: Path, target: str, message: str) -> None:
+def test_generate_rejects_link_leaving_tree(
+    tree: Path, tmp_path: Path, target: str, message: str
+) -> None:
     os.symlink(target, tree / "escape")
     output = tmp_path / "m.json"
     result = generate(tree, output, check=False)
@@ -162,13 +199,24 @@ def test_generate_rejects_output_inside_tree(tree: Path) -> None:
 
 
 def test_generate_rejects_invalid_version(tree: Path, tmp_path: Path) -> None:
-    result = relman("generate", "--version", "../1.0", "--release-dir", tree, "--output", tmp_path / "m.json", check=False)
+    result = relman(
+        "generate",
+        "--version",
+        "../1.0",
+        "--release-dir",
+        tree,
+        "--output",
+        tmp_path / "m.json",
+        check=False,
+    )
     assert result.returncode == 1
     assert "invalid version '../1.0'" in result.stderr
     assert not (tmp_path / "m.json").exists()
 
 
-def test_generate_release_date_from_epoch(tree: Path, tmp_path: Path, monkeypatch) -> None:
+def test_generate_release_date_from_epoch(
+    tree: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     generate(tree, tmp_path / "m.json")
     assert load(tmp_path / "m.json")["release_date"] == "2023-11-14T22:13:20Z"

@@ -23,15 +23,34 @@ def pki(tmp_path_factory) -> Path:
 def signed(tmp_path: Path, pki: Path) -> tuple[Path, Path]:
     tree = make_release_tree(tmp_path / "release", big_size=256 * 1024)
     manifest = tmp_path / "manifest.json"
-    relman("generate", "--version", "1.0.0", "--release-dir", tree, "--output", manifest)
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
+    relman(
+        "generate", "--version", "1.0.0", "--release-dir", tree, "--output", manifest
+    )
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
     return tree, manifest
 
 
 def publish(repo: Path, manifest: Path, tree: Path, pki: Path, check: bool = True):
     return relman(
-        "publish", "--repo", repo, "--manifest", manifest, "--release-dir", tree,
-        "--trust", pki / "ca.pem", "--json", check=check,
+        "publish",
+        "--repo",
+        repo,
+        "--manifest",
+        manifest,
+        "--release-dir",
+        tree,
+        "--trust",
+        pki / "ca.pem",
+        "--json",
+        check=check,
     )
 
 
@@ -44,9 +63,16 @@ def test_publish_stores_blobs(tmp_path: Path, pki: Path, signed) -> None:
         blob = repo / "objects" / "sha256" / digest[:2] / digest[2:]
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
         assert blob.stat().st_mode & 0o777 == 0o444
-    assert (repo / "manifests" / "1.0.0" / "manifest.json").read_bytes() == manifest.read_bytes()
-    assert (repo / "manifests" / "1.0.0" / "manifest.json.sig").read_bytes() == Path(f"{manifest}.sig").read_bytes()
-    assert json.loads((repo / "config.json").read_bytes()) == {"format": "relman-repository", "version": 1}
+    assert (
+        repo / "manifests" / "1.0.0" / "manifest.json"
+    ).read_bytes() == manifest.read_bytes()
+    assert (repo / "manifests" / "1.0.0" / "manifest.json.sig").read_bytes() == Path(
+        f"{manifest}.sig"
+    ).read_bytes()
+    assert json.loads((repo / "config.json").read_bytes()) == {
+        "format": "relman-repository",
+        "version": 1,
+    }
 
 
 def test_publish_records_index(tmp_path: Path, pki: Path, signed) -> None:
@@ -54,13 +80,31 @@ def test_publish_records_index(tmp_path: Path, pki: Path, signed) -> None:
     repo = tmp_path / "repo"
     publish(repo, manifest, tree, pki)
     database = sqlite3.connect(repo / "index.sqlite")
-    releases = database.execute("select version, manifest_hash, file_count from release_manifests").fetchall()
-    files = database.execute("select path, version, sha256_hash from file_registry order by path").fetchall()
-    tables = {row[0] for row in database.execute("select name from sqlite_master where type = 'table'")}
+    releases = database.execute(
+        "select version, manifest_hash, file_count from release_manifests"
+    ).fetchall()
+    files = database.execute(
+        "select path, version, sha256_hash from file_registry order by path"
+    ).fetchall()
+    tables = {
+        row[0]
+        for row in database.execute(
+            "select name from sqlite_master where type = 'table'"
+        )
+    }
     expected = json.loads(manifest.read_bytes())["files"]
-    assert releases == [("1.0.0", hashlib.sha256(manifest.read_bytes()).hexdigest(), len(expected))]
-    assert files == [(entry["path"], "1.0.0", entry["sha256_hash"]) for entry in expected]
-    assert {"release_manifests", "file_registry", "signature_cache", "download_cache"} <= tables
+    assert releases == [
+        ("1.0.0", hashlib.sha256(manifest.read_bytes()).hexdigest(), len(expected))
+    ]
+    assert files == [
+        (entry["path"], "1.0.0", entry["sha256_hash"]) for entry in expected
+    ]
+    assert {
+        "release_manifests",
+        "file_registry",
+        "signature_cache",
+        "download_cache",
+    } <= tables
 
 
 def test_publish_writes_catalog(tmp_path: Path, pki: Path, signed) -> None:
@@ -70,16 +114,27 @@ def test_publish_writes_catalog(tmp_path: Path, pki: Path, signed) -> None:
     catalog = json.loads((repo / "index.json").read_bytes())
     assert catalog["sequence"] == 1
     assert [item["version"] for item in catalog["versions"]] == ["1.0.0"]
-    assert catalog["versions"][0]["manifest_hash"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert (
+        catalog["versions"][0]["manifest_hash"]
+        == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    )
 
 
 def test_publish_twice_is_noop(tmp_path: Path, pki: Path, signed) -> None:
     tree, manifest = signed
     repo = tmp_path / "repo"
     publish(repo, manifest, tree, pki)
-    before = tree_snapshot(repo / "objects"), tree_snapshot(repo / "manifests"), (repo / "index.json").read_bytes()
+    before = (
+        tree_snapshot(repo / "objects"),
+        tree_snapshot(repo / "manifests"),
+        (repo / "index.json").read_bytes(),
+    )
     result = json.loads(publish(repo, manifest, tree, pki).stdout)
-    after = tree_snapshot(repo / "objects"), tree_snapshot(repo / "manifests"), (repo / "index.json").read_bytes()
+    after = (
+        tree_snapshot(repo / "objects"),
+        tree_snapshot(repo / "manifests"),
+        (repo / "index.json").read_bytes(),
+    )
     assert result["created"] is False
     assert result["bytes_copied"] == 0
     assert after == before
@@ -92,7 +147,15 @@ def test_publish_rejects_other_content(tmp_path: Path, pki: Path, signed) -> Non
     (tree / "etc" / "app.conf").write_text("port = 9090\n")
     other = tmp_path / "other.json"
     relman("generate", "--version", "1.0.0", "--release-dir", tree, "--output", other)
-    relman("sign", "--manifest", other, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
+    relman(
+        "sign",
+        "--manifest",
+        other,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
     before = tree_snapshot(repo)
     result = publish(repo, other, tree, pki, check=False)
     assert result.returncode == 1
@@ -100,7 +163,9 @@ def test_publish_rejects_other_content(tmp_path: Path, pki: Path, signed) -> Non
     assert tree_snapshot(repo) == before
 
 
-def test_publish_rejects_file_changed_after_generate(tmp_path: Path, pki: Path, signed) -> None:
+def test_publish_rejects_file_changed_after_generate(
+    tmp_path: Path, pki: Path, signed
+) -> None:
     tree, manifest = signed
     repo = tmp_path / "repo"
     (tree / "share" / "data" / "notes.txt").write_text("edited after generate\n")
@@ -142,4 +207,6 @@ def test_reindex_rebuilds_index(tmp_path: Path, pki: Path, signed) -> None:
     result = relman("reindex", "--repo", repo)
     database = sqlite3.connect(repo / "index.sqlite")
     assert result.stdout.strip() == f"indexed 1 releases in {repo}"
-    assert database.execute("select version from release_manifests").fetchall() == [("1.0.0",)]
+    assert database.execute("select version from release_manifests").fetchall() == [
+        ("1.0.0",)
+    ]

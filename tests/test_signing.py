@@ -41,7 +41,12 @@ def openssl(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 def test_pki_init_writes_files(pki: Path) -> None:
-    assert sorted(path.name for path in pki.iterdir()) == ["ca.key", "ca.pem", "signer.key", "signer.pem"]
+    assert sorted(path.name for path in pki.iterdir()) == [
+        "ca.key",
+        "ca.pem",
+        "signer.key",
+        "signer.pem",
+    ]
     assert stat.S_IMODE((pki / "ca.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((pki / "signer.key").stat().st_mode) == 0o600
 
@@ -52,7 +57,9 @@ def test_pki_signer_has_code_signing(pki: Path) -> None:
     usage = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.CODE_SIGNING]
     assert signer.issuer == root.subject
-    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert (
+        root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    )
     signer.verify_directly_issued_by(root)
 
 
@@ -71,8 +78,18 @@ def test_pki_help_says_tests_only() -> None:
 
 
 def test_sign_then_verify(pki: Path, manifest: Path) -> None:
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
-    result = relman("verify", "--manifest", manifest, "--trust", pki / "ca.pem", "--json")
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
+    result = relman(
+        "verify", "--manifest", manifest, "--trust", pki / "ca.pem", "--json"
+    )
     report = json.loads(result.stdout)
     assert report["verified"] is True
     assert report["version"] == "2.0.0"
@@ -80,18 +97,49 @@ def test_sign_then_verify(pki: Path, manifest: Path) -> None:
 
 
 def test_relman_signature_verifies_with_openssl(pki: Path, manifest: Path) -> None:
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
     result = openssl(
-        "cms", "-verify", "-binary", "-inform", "DER", "-in", f"{manifest}.sig",
-        "-content", manifest, "-CAfile", pki / "ca.pem", "-purpose", "any", "-out", "/dev/null",
+        "cms",
+        "-verify",
+        "-binary",
+        "-inform",
+        "DER",
+        "-in",
+        f"{manifest}.sig",
+        "-content",
+        manifest,
+        "-CAfile",
+        pki / "ca.pem",
+        "-purpose",
+        "any",
+        "-out",
+        "/dev/null",
     )
     assert result.returncode == 0, result.stderr
     assert "Verification successful" in result.stderr
 
 
 def test_relman_signature_has_signed_attributes(pki: Path, manifest: Path) -> None:
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
-    result = openssl("cms", "-cmsout", "-print", "-inform", "DER", "-in", f"{manifest}.sig")
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
+    result = openssl(
+        "cms", "-cmsout", "-print", "-inform", "DER", "-in", f"{manifest}.sig"
+    )
     assert result.returncode == 0, result.stderr
     assert "messageDigest" in result.stdout
     assert "sha256" in result.stdout
@@ -99,11 +147,25 @@ def test_relman_signature_has_signed_attributes(pki: Path, manifest: Path) -> No
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["der", "ber-stream"])
-def test_openssl_signature_verifies_with_relman(pki: Path, manifest: Path, stream: bool) -> None:
+def test_openssl_signature_verifies_with_relman(
+    pki: Path, manifest: Path, stream: bool
+) -> None:
     extra = ["-stream"] if stream else []
     result = openssl(
-        "cms", "-sign", "-binary", "-in", manifest, "-signer", pki / "signer.pem",
-        "-inkey", pki / "signer.key", "-outform", "DER", "-out", f"{manifest}.sig", *extra,
+        "cms",
+        "-sign",
+        "-binary",
+        "-in",
+        manifest,
+        "-signer",
+        pki / "signer.pem",
+        "-inkey",
+        pki / "signer.key",
+        "-outform",
+        "DER",
+        "-out",
+        f"{manifest}.sig",
+        *extra,
     )
     assert result.returncode == 0, result.stderr
     verified = relman("verify", "--manifest", manifest, "--trust", pki / "ca.pem")
@@ -111,31 +173,63 @@ def test_openssl_signature_verifies_with_relman(pki: Path, manifest: Path, strea
 
 
 def test_verify_rejects_changed_manifest(pki: Path, manifest: Path) -> None:
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
     body = manifest.read_bytes()
     manifest.write_bytes(body.replace(b'"v2.0.0"', b'"v2.0.1"'))
-    result = relman("verify", "--manifest", manifest, "--trust", pki / "ca.pem", check=False)
+    result = relman(
+        "verify", "--manifest", manifest, "--trust", pki / "ca.pem", check=False
+    )
     assert result.returncode == 3
     assert "does not cover this manifest" in result.stderr
 
 
-def test_verify_rejects_untrusted_root(pki: Path, other_pki: Path, manifest: Path) -> None:
-    relman("sign", "--manifest", manifest, "--key", pki / "signer.key", "--cert", pki / "signer.pem")
-    result = relman("verify", "--manifest", manifest, "--trust", other_pki / "ca.pem", check=False)
+def test_verify_rejects_untrusted_root(
+    pki: Path, other_pki: Path, manifest: Path
+) -> None:
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+    )
+    result = relman(
+        "verify", "--manifest", manifest, "--trust", other_pki / "ca.pem", check=False
+    )
     assert result.returncode == 3
     assert "does not reach a trusted root" in result.stderr
 
 
 def test_verify_rejects_garbage_signature(pki: Path, manifest: Path) -> None:
     Path(f"{manifest}.sig").write_bytes(b"not a signature")
-    result = relman("verify", "--manifest", manifest, "--trust", pki / "ca.pem", check=False)
+    result = relman(
+        "verify", "--manifest", manifest, "--trust", pki / "ca.pem", check=False
+    )
     assert result.returncode == 3
     assert "not a valid CMS SignedData" in result.stderr
 
 
-def test_sign_rejects_mismatched_key(pki: Path, other_pki: Path, manifest: Path) -> None:
+def test_sign_rejects_mismatched_key(
+    pki: Path, other_pki: Path, manifest: Path
+) -> None:
     result = relman(
-        "sign", "--manifest", manifest, "--key", other_pki / "signer.key", "--cert", pki / "signer.pem",
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        other_pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
         check=False,
     )
     assert result.returncode == 1
@@ -146,7 +240,16 @@ def test_sign_rejects_mismatched_key(pki: Path, other_pki: Path, manifest: Path)
 def test_sign_rejects_non_manifest(pki: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.json"
     other.write_text('{"hello": 1}')
-    result = relman("sign", "--manifest", other, "--key", pki / "signer.key", "--cert", pki / "signer.pem", check=False)
+    result = relman(
+        "sign",
+        "--manifest",
+        other,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+        check=False,
+    )
     assert result.returncode == 1
     assert "unknown keys" in result.stderr
     assert not Path(f"{other}.sig").exists()

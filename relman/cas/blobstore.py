@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from relman.cas.errors import IntegrityError, InputError
+from relman.cas.errors import InputError, IntegrityError
 from relman.cas.fsutil import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 def check_digest(digest: str) -> str:
     """Return ``digest`` if it is 64 lowercase hex digits, else raise InputError."""
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise InputError(f"invalid SHA-256 digest {digest!r}: expected 64 lowercase hex digits")
+        raise InputError(
+            f"invalid SHA-256 digest {digest!r}: expected 64 lowercase hex digits"
+        )
     return digest
 
 
@@ -49,7 +51,9 @@ def blob_relative_path(digest: str) -> str:
 class BlobWriter:
     """A blob being written: bytes go to a temporary file and into a running hash."""
 
-    def __init__(self, stream: BinaryIO, expected_digest: str, expected_size: int | None):
+    def __init__(
+        self, stream: BinaryIO, expected_digest: str, expected_size: int | None
+    ):
         self._stream = stream
         self._hash = hashlib.sha256()
         self.expected_digest = expected_digest
@@ -57,7 +61,10 @@ class BlobWriter:
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        if self.expected_size is not None and self.size + len(data) > self.expected_size:
+        if (
+            self.expected_size is not None
+            and self.size + len(data) > self.expected_size
+        ):
             raise IntegrityError(
                 f"blob {self.expected_digest} is larger than its declared size of "
                 f"{self.expected_size} bytes; the source is corrupt or was changed"
@@ -109,7 +116,9 @@ class BlobStore:
         """
         target = self.path(digest)
         self.temporary.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=digest[:16] + ".", dir=self.temporary)
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=digest[:16] + ".", dir=self.temporary
+        )
         try:
             with os.fdopen(descriptor, "wb") as stream:
                 writer = BlobWriter(stream, digest, size)

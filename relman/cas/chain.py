@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 def _to_asn1(certificate: x509.Certificate) -> asn1_x509.Certificate:
-    return asn1_x509.Certificate.load(certificate.public_bytes(serialization.Encoding.DER))
+    return asn1_x509.Certificate.load(
+        certificate.public_bytes(serialization.Encoding.DER)
+    )
 
 
 def validate_signer_chain(
@@ -47,7 +49,9 @@ def validate_signer_chain(
             path is expired, not yet valid, revoked or lacks a required usage.
     """
     if not trust_roots:
-        raise SignatureError("no trusted root certificates are configured; pass --trust CA.pem")
+        raise SignatureError(
+            "no trusted root certificates are configured; pass --trust CA.pem"
+        )
     subject = signer.subject.rfc4514_string()
     context = ValidationContext(
         trust_roots=[_to_asn1(root) for root in trust_roots],
@@ -81,8 +85,14 @@ def validate_signer_chain(
             f"certificate {subject} is not valid before {signer.not_valid_before_utc:%Y-%m-%d}"
         ) from error
     except RevokedError as error:
-        raise SignatureError(f"certificate on the path of {subject} is revoked: {error}") from error
+        raise SignatureError(
+            f"certificate on the path of {subject} is revoked: {error}"
+        ) from error
     except InvalidCertificateError as error:
-        raise SignatureError(f"certificate {subject} is not acceptable for code signing: {error}") from error
+        raise SignatureError(
+            f"certificate {subject} is not acceptable for code signing: {error}"
+        ) from error
     except PathValidationError as error:
-        raise SignatureError(f"certificate chain of {subject} is invalid: {error}") from error
+        raise SignatureError(
+            f"certificate chain of {subject} is invalid: {error}"
+        ) from error

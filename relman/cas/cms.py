@@ -76,8 +76,10 @@ def sign_detached(data: bytes, key_path: str | Path, cert_path: str | Path) -> b
             f"private key {str(key_path)!r} does not belong to the first certificate "
             f"in {str(cert_path)!r} ({signer.subject.rfc4514_string()})"
         )
-    builder = pkcs7.PKCS7SignatureBuilder().set_data(data).add_signer(
-        signer, key, hashes.SHA256()
+    builder = (
+        pkcs7.PKCS7SignatureBuilder()
+        .set_data(data)
+        .add_signer(signer, key, hashes.SHA256())
     )
     for extra in certificates[1:]:
         builder = builder.add_certificate(extra)
@@ -106,10 +108,14 @@ def verify_detached(
     signed_data = _load_signed_data(signature)
     content = signed_data["encap_content_info"]["content"]
     if content.native is not None and content.native != data:
-        raise SignatureError("the signature embeds content that differs from the manifest")
+        raise SignatureError(
+            "the signature embeds content that differs from the manifest"
+        )
     signer_infos = signed_data["signer_infos"]
     if len(signer_infos) != 1:
-        raise SignatureError(f"expected exactly one signer in the signature, found {len(signer_infos)}")
+        raise SignatureError(
+            f"expected exactly one signer in the signature, found {len(signer_infos)}"
+        )
     signer_info = signer_infos[0]
 
     # 2. Digest algorithm.
@@ -120,26 +126,34 @@ def verify_detached(
             "re-sign with SHA-256 or stronger"
         )
     if digest_name not in _HASHES:
-        raise SignatureError(f"unsupported digest algorithm {digest_name!r} in signature")
+        raise SignatureError(
+            f"unsupported digest algorithm {digest_name!r} in signature"
+        )
     hash_function, hash_class = _HASHES[digest_name]
 
     # 3. Signed attributes.
     signed_attrs = signer_info["signed_attrs"]
     if not signed_attrs.native:
-        raise SignatureError("the signature has no signed attributes; sign with signed attributes")
+        raise SignatureError(
+            "the signature has no signed attributes; sign with signed attributes"
+        )
     _check_signed_attributes(signed_attrs, hash_function(data).digest())
 
     # 4. Signature value.
     certificates = _certificates(signed_data)
     signer = _find_signer(signer_info, certificates)
-    _check_signature_value(signer, signer_info, _signed_attributes_der(signed_attrs), hash_class)
+    _check_signature_value(
+        signer, signer_info, _signed_attributes_der(signed_attrs), hash_class
+    )
 
     # 5. Certificate chain.
     if trust_roots is not None:
         intermediates = [cert for cert in certificates if cert != signer]
         validate_signer_chain(signer, intermediates, trust_roots, moment)
     fingerprint = signer.fingerprint(hashes.SHA256()).hex()
-    logger.debug("signature by %s (%s) verified", signer.subject.rfc4514_string(), fingerprint)
+    logger.debug(
+        "signature by %s (%s) verified", signer.subject.rfc4514_string(), fingerprint
+    )
     return SignerInfo(signer.subject.rfc4514_string(), fingerprint, signer)
 
 
@@ -156,14 +170,20 @@ def _load_signed_data(signature: bytes) -> asn1_cms.SignedData:
     except SignatureError:
         raise
     except (ValueError, TypeError, KeyError) as error:
-        raise SignatureError(f"signature is not a valid CMS SignedData structure: {error}") from error
+        raise SignatureError(
+            f"signature is not a valid CMS SignedData structure: {error}"
+        ) from error
     return signed_data
 
 
-def _check_signed_attributes(signed_attrs: asn1_cms.CMSAttributes, digest: bytes) -> None:
+def _check_signed_attributes(
+    signed_attrs: asn1_cms.CMSAttributes, digest: bytes
+) -> None:
     values: dict[str, list] = {}
     for attribute in signed_attrs:
-        values.setdefault(attribute["type"].native, []).extend(attribute["values"].native)
+        values.setdefault(attribute["type"].native, []).extend(
+            attribute["values"].native
+        )
     if values.get("content_type") != ["data"]:
         raise SignatureError(
             f"signed attribute contentType is {values.get('content_type')!r}, expected ['data']"
@@ -195,7 +215,9 @@ def _certificates(signed_data: asn1_cms.SignedData) -> list[x509.Certificate]:
     return result
 
 
-def _find_signer(signer_info: asn1_cms.SignerInfo, certificates: list[x509.Certificate]) -> x509.Certificate:
+def _find_signer(
+    signer_info: asn1_cms.SignerInfo, certificates: list[x509.Certificate]
+) -> x509.Certificate:
     sid = signer_info["sid"]
     for certificate in certificates:
         if sid.name == "issuer_and_serial_number":
@@ -205,7 +227,9 @@ def _find_signer(signer_info: asn1_cms.SignerInfo, certificates: list[x509.Certi
                 return certificate
         elif sid.name == "subject_key_identifier":
             try:
-                extension = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+                extension = certificate.extensions.get_extension_for_class(
+                    x509.SubjectKeyIdentifier
+                )
             except x509.ExtensionNotFound:
                 continue
             if extension.value.digest == sid.chosen.native:

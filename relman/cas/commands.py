@@ -47,7 +47,9 @@ def load_trust(path: str | None) -> list | None:
 
 def _register_pki(subcommands: argparse._SubParsersAction) -> None:
     pki = subcommands.add_parser(
-        "pki", help="development PKI for tests and demos", description="Development PKI."
+        "pki",
+        help="development PKI for tests and demos",
+        description="Development PKI.",
     )
     actions = pki.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
     init = actions.add_parser(
@@ -60,7 +62,9 @@ def _register_pki(subcommands: argparse._SubParsersAction) -> None:
             "real releases with keys from your organisation's PKI."
         ),
     )
-    init.add_argument("folder", metavar="DIR", help="folder to write the four files into")
+    init.add_argument(
+        "folder", metavar="DIR", help="folder to write the four files into"
+    )
     init.add_argument("--force", action="store_true", help="replace existing files")
     init.add_argument("--json", action="store_true", help="print the result as JSON")
     init.set_defaults(handler=_run_pki_init)
@@ -70,7 +74,11 @@ def _run_pki_init(arguments: argparse.Namespace) -> int:
     paths = init_pki(arguments.folder, force=arguments.force)
     lines = [f"wrote {path}" for path in paths.values()]
     lines.append("for tests and demos only: the keys are not encrypted")
-    emit({name: str(path) for name, path in paths.items()}, "\n".join(lines), arguments.json)
+    emit(
+        {name: str(path) for name, path in paths.items()},
+        "\n".join(lines),
+        arguments.json,
+    )
     return 0
 
 
@@ -88,23 +96,45 @@ def _register_generate(subcommands: argparse._SubParsersAction) -> None:
             "devices are rejected."
         ),
     )
-    generate.add_argument("--version", required=True, help="release version (semantic version)")
-    generate.add_argument("--release-dir", required=True, metavar="DIR", help="release folder")
-    generate.add_argument("--output", required=True, metavar="FILE", help="manifest file to write")
+    generate.add_argument(
+        "--version", required=True, help="release version (semantic version)"
+    )
+    generate.add_argument(
+        "--release-dir", required=True, metavar="DIR", help="release folder"
+    )
+    generate.add_argument(
+        "--output", required=True, metavar="FILE", help="manifest file to write"
+    )
     generate.add_argument("--tag-name", help="tag name (default: v plus the version)")
     notes = generate.add_mutually_exclusive_group()
     notes.add_argument("--release-notes", default="", help="release notes text")
-    notes.add_argument("--release-notes-file", metavar="FILE", help="read release notes from FILE")
+    notes.add_argument(
+        "--release-notes-file", metavar="FILE", help="read release notes from FILE"
+    )
     generate.add_argument(
         "--release-date",
         help="ISO 8601 date-time (default: SOURCE_DATE_EPOCH, else the newest file time)",
     )
-    generate.add_argument("--critical", action="store_true", help="mark as a critical update")
-    generate.add_argument("--min-upgrade-from", metavar="VERSION", help="oldest version that may upgrade to this one")
-    generate.add_argument("--dependency", action="append", default=[], metavar="TEXT", help="a dependency (repeatable)")
+    generate.add_argument(
+        "--critical", action="store_true", help="mark as a critical update"
+    )
+    generate.add_argument(
+        "--min-upgrade-from",
+        metavar="VERSION",
+        help="oldest version that may upgrade to this one",
+    )
+    generate.add_argument(
+        "--dependency",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a dependency (repeatable)",
+    )
     generate.add_argument("--build-commit", help="source commit of the build")
     generate.add_argument("--build-date", help="time of the build")
-    generate.add_argument("--compiler-version", help="compiler or toolchain of the build")
+    generate.add_argument(
+        "--compiler-version", help="compiler or toolchain of the build"
+    )
     generate.add_argument(
         "--exclude",
         action="append",
@@ -112,7 +142,9 @@ def _register_generate(subcommands: argparse._SubParsersAction) -> None:
         metavar="GLOB",
         help="skip paths or names matching GLOB, such as __pycache__ (repeatable)",
     )
-    generate.add_argument("--threads", type=int, help="hashing threads (default: CPU count)")
+    generate.add_argument(
+        "--threads", type=int, help="hashing threads (default: CPU count)"
+    )
     generate.add_argument("--json", action="store_true", help="print a summary as JSON")
     generate.set_defaults(handler=_run_generate)
 
@@ -137,7 +169,9 @@ def _run_generate(arguments: argparse.Namespace) -> int:
         version=arguments.version,
         tag_name=arguments.tag_name,
         release_notes=notes,
-        release_date=parse_release_date(arguments.release_date) if arguments.release_date else None,
+        release_date=parse_release_date(arguments.release_date)
+        if arguments.release_date
+        else None,
         is_critical=arguments.critical,
         build=build,
         dependencies=arguments.dependency,
@@ -189,10 +223,18 @@ def _register_sign(subcommands: argparse._SubParsersAction) -> None:
             "Further certificates in CERT (intermediates) are included too."
         ),
     )
-    sign.add_argument("--manifest", required=True, metavar="FILE", help="manifest to sign")
-    sign.add_argument("--key", required=True, help="signer private key (PEM or DER, unencrypted)")
-    sign.add_argument("--cert", required=True, help="signer certificate, then any intermediates (PEM)")
-    sign.add_argument("--output", metavar="FILE", help="signature file (default: FILE.sig)")
+    sign.add_argument(
+        "--manifest", required=True, metavar="FILE", help="manifest to sign"
+    )
+    sign.add_argument(
+        "--key", required=True, help="signer private key (PEM or DER, unencrypted)"
+    )
+    sign.add_argument(
+        "--cert", required=True, help="signer certificate, then any intermediates (PEM)"
+    )
+    sign.add_argument(
+        "--output", metavar="FILE", help="signature file (default: FILE.sig)"
+    )
     sign.add_argument("--json", action="store_true", help="print the result as JSON")
     sign.set_defaults(handler=_run_sign)
 
@@ -223,16 +265,27 @@ def _register_verify(subcommands: argparse._SubParsersAction) -> None:
             "to the trusted roots. Exit code 3 on any verification failure."
         ),
     )
-    verify.add_argument("--manifest", required=True, metavar="FILE", help="manifest to verify")
-    verify.add_argument("--signature", metavar="FILE", help="signature file (default: FILE.sig)")
-    verify.add_argument("--trust", required=True, metavar="CA.pem", help="trusted root certificates (PEM)")
+    verify.add_argument(
+        "--manifest", required=True, metavar="FILE", help="manifest to verify"
+    )
+    verify.add_argument(
+        "--signature", metavar="FILE", help="signature file (default: FILE.sig)"
+    )
+    verify.add_argument(
+        "--trust",
+        required=True,
+        metavar="CA.pem",
+        help="trusted root certificates (PEM)",
+    )
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(handler=_run_verify)
 
 
 def _run_verify(arguments: argparse.Namespace) -> int:
     body = read_file(arguments.manifest, "manifest")
-    signature = read_file(arguments.signature or arguments.manifest + ".sig", "signature")
+    signature = read_file(
+        arguments.signature or arguments.manifest + ".sig", "signature"
+    )
     trust = load_certificates(arguments.trust)
     signer = verify_detached(body, signature, trust)
     manifest = parse_manifest_bytes(body)
@@ -265,10 +318,24 @@ def _register_publish(subcommands: argparse._SubParsersAction) -> None:
             "nothing; with another manifest it is rejected."
         ),
     )
-    publish.add_argument("--repo", required=True, metavar="REPO", help="repository folder (created if missing)")
-    publish.add_argument("--manifest", required=True, metavar="FILE", help="signed manifest")
-    publish.add_argument("--signature", metavar="FILE", help="signature file (default: FILE.sig)")
-    publish.add_argument("--release-dir", required=True, metavar="DIR", help="folder the manifest was generated from")
+    publish.add_argument(
+        "--repo",
+        required=True,
+        metavar="REPO",
+        help="repository folder (created if missing)",
+    )
+    publish.add_argument(
+        "--manifest", required=True, metavar="FILE", help="signed manifest"
+    )
+    publish.add_argument(
+        "--signature", metavar="FILE", help="signature file (default: FILE.sig)"
+    )
+    publish.add_argument(
+        "--release-dir",
+        required=True,
+        metavar="DIR",
+        help="folder the manifest was generated from",
+    )
     publish.add_argument(
         "--trust",
         metavar="CA.pem",
@@ -282,14 +349,23 @@ def _register_publish(subcommands: argparse._SubParsersAction) -> None:
 
 def _run_publish(arguments: argparse.Namespace) -> int:
     body = read_file(arguments.manifest, "manifest")
-    signature = read_file(arguments.signature or arguments.manifest + ".sig", "signature")
+    signature = read_file(
+        arguments.signature or arguments.manifest + ".sig", "signature"
+    )
     trust = load_trust(arguments.trust)
     if trust is None:
-        logger.warning("no --trust given: the signer's certificate chain is not checked")
+        logger.warning(
+            "no --trust given: the signer's certificate chain is not checked"
+        )
     manifest = parse_manifest_bytes(body)
     with progress_bar(manifest.total_size, f"publishing {manifest.version}") as bar:
         result = publish_release(
-            arguments.repo, body, signature, arguments.release_dir, trust, progress=bar.update
+            arguments.repo,
+            body,
+            signature,
+            arguments.release_dir,
+            trust,
+            progress=bar.update,
         )
     state = "published" if result.created else "already published, nothing changed"
     emit(
@@ -316,7 +392,9 @@ def _register_reindex(subcommands: argparse._SubParsersAction) -> None:
         help="rebuild a repository's index.sqlite from its files",
         description="Rebuild index.sqlite from manifests/; the files are the truth.",
     )
-    reindex.add_argument("--repo", required=True, metavar="REPO", help="repository folder")
+    reindex.add_argument(
+        "--repo", required=True, metavar="REPO", help="repository folder"
+    )
     reindex.set_defaults(handler=_run_reindex)
 
 

@@ -23,7 +23,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
     it is removed again if anything fails before the rename.
     """
     target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", dir=target.parent
+    )
     try:
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data)

@@ -82,7 +82,9 @@ def _default_release_date(root: Path, files: list) -> str:
         try:
             return _format(datetime.fromtimestamp(int(epoch), UTC))
         except ValueError as error:
-            raise InputError(f"invalid SOURCE_DATE_EPOCH {epoch!r}: expected whole seconds") from error
+            raise InputError(
+                f"invalid SOURCE_DATE_EPOCH {epoch!r}: expected whole seconds"
+            ) from error
     newest = max(os.lstat(root / entry.path).st_mtime for entry in files)
     return _format(datetime.fromtimestamp(int(newest), UTC))
 

@@ -80,9 +80,7 @@ class RepositoryIndex:
             foreign_keys=[("version", "release_manifests", "version")],
             if_not_exists=True,
         )
-        self.db["file_registry"].create_index(
-            ["sha256_hash"], if_not_exists=True
-        )
+        self.db["file_registry"].create_index(["sha256_hash"], if_not_exists=True)
         self.db["signature_cache"].create(
             {
                 "manifest_hash": str,
@@ -154,7 +152,11 @@ class RepositoryIndex:
         return ordered
 
     def release(self, version: str) -> dict[str, Any] | None:
-        rows = list(self.db.query("select * from release_manifests where version = ?", [version]))
+        rows = list(
+            self.db.query(
+                "select * from release_manifests where version = ?", [version]
+            )
+        )
         return rows[0] if rows else None
 
     def file(self, path: str, version: str) -> dict[str, Any] | None:

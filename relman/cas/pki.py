@@ -38,7 +38,9 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def make_root_ca(common_name: str = "relman development root CA", days: int = 3650) -> Issued:
+def make_root_ca(
+    common_name: str = "relman development root CA", days: int = 3650
+) -> Issued:
     """Create a self-signed root CA on an ECDSA P-256 key."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
@@ -53,7 +55,9 @@ def make_root_ca(common_name: str = "relman development root CA", days: int = 36
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     return Issued(key, certificate)
@@ -81,7 +85,9 @@ def make_code_signer(
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 issuer.certificate.public_key()
@@ -151,14 +157,18 @@ def load_certificates(path: str | Path) -> list[x509.Certificate]:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise InputError(f"cannot read certificate file {str(path)!r}: {error.strerror}") from error
+        raise InputError(
+            f"cannot read certificate file {str(path)!r}: {error.strerror}"
+        ) from error
     try:
         if b"-----BEGIN" in data:
             certificates = x509.load_pem_x509_certificates(data)
         else:
             certificates = [x509.load_der_x509_certificate(data)]
     except ValueError as error:
-        raise InputError(f"{str(path)!r} contains no valid X.509 certificate: {error}") from error
+        raise InputError(
+            f"{str(path)!r} contains no valid X.509 certificate: {error}"
+        ) from error
     return certificates
 
 
@@ -167,7 +177,9 @@ def load_private_key(path: str | Path):  # noqa: ANN201 - any cryptography key t
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise InputError(f"cannot read private key {str(path)!r}: {error.strerror}") from error
+        raise InputError(
+            f"cannot read private key {str(path)!r}: {error.strerror}"
+        ) from error
     try:
         if b"-----BEGIN" in data:
             return serialization.load_pem_private_key(data, password=None)

@@ -54,7 +54,9 @@ def publish_release(
         if repository.has_release(manifest.version):
             # Raises ConflictError on different content, before any copying.
             created = repository.store_release(body, signature, timestamp)
-            return PublishResult(manifest.version, manifest_hash(body), signer, created, 0)
+            return PublishResult(
+                manifest.version, manifest_hash(body), signer, created, 0
+            )
         copied = repository.import_blobs(manifest, release_dir, progress)
         created = repository.store_release(body, signature, timestamp)
         repository.write_catalog()

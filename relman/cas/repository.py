@@ -1,13 +1,13 @@
 """A repository folder: the one layout shared by publishers, mirrors, nodes and bundles.
 
-    config.json                               format name and version
-    index.json                                catalog of versions
-    manifests/<version>/manifest.json         canonical manifest, the signed bytes
-    manifests/<version>/manifest.json.sig     detached CMS SignedData, DER
-    manifests/<version>/manifest.json.tsr     RFC 3161 timestamp token, optional
-    objects/sha256/<2 hex>/<62 hex>           blobs
-    index.sqlite                              local index, never served
-    tmp/                                      unverified temporary files, never served
+config.json                               format name and version
+index.json                                catalog of versions
+manifests/<version>/manifest.json         canonical manifest, the signed bytes
+manifests/<version>/manifest.json.sig     detached CMS SignedData, DER
+manifests/<version>/manifest.json.tsr     RFC 3161 timestamp token, optional
+objects/sha256/<2 hex>/<62 hex>           blobs
+index.sqlite                              local index, never served
+tmp/                                      unverified temporary files, never served
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class Repository:
         config = repository.root / "config.json"
         if not config.exists():
             atomic_write_bytes(
-                config, canonical_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION})
+                config,
+                canonical_bytes({"format": FORMAT_NAME, "version": FORMAT_VERSION}),
             )
         repository.check_format()
         return repository
@@ -96,6 +97,11 @@ class Repository:
         except FileNotFoundError as error:
             raise InputError(
                 f"{str(self.root)!r} is not a relman repository: config.json is missing"
+            ) from error
+        except OSError as error:
+            raise InputError(
+                f"cannot read {str(config)!r}: {error.strerror}; pass the path of a "
+                "repository folder"
             ) from error
         except ValueError as error:
             raise InputError(str(error)) from error
@@ -132,11 +138,17 @@ class Repository:
             return []
         found = []
         for name in os.listdir(folder):
-            if (folder / name / MANIFEST_NAME).is_file() and (folder / name / SIGNATURE_NAME).is_file():
+            if name.startswith("."):
+                continue  # a release being written by store_release
+            if (folder / name / MANIFEST_NAME).is_file() and (
+                folder / name / SIGNATURE_NAME
+            ).is_file():
                 try:
                     found.append(validate_version(name))
                 except InputError:
-                    logger.warning("skipping manifests/%s: not a valid version name", name)
+                    logger.warning(
+                        "skipping manifests/%s: not a valid version name", name
+                    )
         return sort_versions(found)
 
     def has_release(self, version: str) -> bool:
@@ -177,7 +189,9 @@ class Repository:
             certificate_pem(certificates[0]).decode("ascii") if certificates else None
         )
         envelope["timestamp_token"] = (
-            base64.b64encode(release.timestamp).decode("ascii") if release.timestamp else None
+            base64.b64encode(release.timestamp).decode("ascii")
+            if release.timestamp
+            else None
         )
         return envelope
 
@@ -208,7 +222,11 @@ class Repository:
                 f"{sha256_hex(existing)}, not {sha256_hex(body)}; publish the new "
                 "content under a new version"
             )
-        missing = [entry.path for entry in manifest.files if not self.blobs.has(entry.sha256_hash)]
+        missing = [
+            entry.path
+            for entry in manifest.files
+            if not self.blobs.has(entry.sha256_hash)
+        ]
         if missing:
             raise IntegrityError(
                 f"cannot store version {manifest.version}: {len(missing)} blobs are "
@@ -218,7 +236,9 @@ class Repository:
 
         # Write the folder under a temporary name, then rename it into place,
         # so a reader sees all of the release's files or none of them.
-        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=folder.parent))
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=folder.parent)
+        )
         try:
             atomic_write_bytes(staging / MANIFEST_NAME, body)
             atomic_write_bytes(staging / SIGNATURE_NAME, signature)
@@ -328,5 +348,7 @@ class Repository:
             for version in versions:
                 release = self.load_release(version)
                 index.record_release(release.manifest, release.manifest_hash)
-        logger.info("reindexed %d releases in %s at %s", len(versions), self.root, utc_now())
+        logger.info(
+            "reindexed %d releases in %s at %s", len(versions), self.root, utc_now()
+        )
         return len(versions)

@@ -23,17 +23,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relman.cas.binary import read_binary_info
+from relman.cas.canonical import sha256_hex
 from relman.cas.errors import InputError, ManifestError
 from relman.cas.hashing import sha256_file
-from relman.cas.canonical import sha256_hex
 from relman.cas.manifest import ReleaseFile, check_symlinks, validate_relative_path
 
 logger = logging.getLogger(__name__)
 
 _LIBRARY_SUFFIXES = (".so", ".dll", ".dylib", ".pyd", ".a", ".lib")
 _CONFIG_SUFFIXES = (
-    ".conf", ".cfg", ".ini", ".toml", ".yaml", ".yml", ".json", ".xml",
-    ".properties", ".env",
+    ".conf",
+    ".cfg",
+    ".ini",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".json",
+    ".xml",
+    ".properties",
+    ".env",
 )
 _CONFIG_FOLDERS = ("etc", "config", "conf")
 
@@ -67,13 +75,19 @@ def scan_release(
     """
     root_path = Path(root)
     if not root_path.is_dir():
-        raise InputError(f"release folder {str(root)!r} does not exist or is not a folder")
+        raise InputError(
+            f"release folder {str(root)!r} does not exist or is not a folder"
+        )
     found = sorted(_walk(root_path, tuple(exclude)), key=lambda item: item.relative)
     workers = threads or os.cpu_count() or 2
     with ThreadPoolExecutor(max_workers=workers) as pool:
         entries = list(pool.map(lambda item: _describe(item, progress), found))
 
-    targets = {entry.path: item.link_target for entry, item in zip(entries, found) if item.link_target is not None}
+    targets = {
+        entry.path: item.link_target
+        for entry, item in zip(entries, found, strict=True)
+        if item.link_target is not None
+    }
     try:
         check_symlinks(targets)
     except ManifestError as error:
@@ -183,7 +197,9 @@ def _describe_file(found: _Found) -> ReleaseFile:
     architecture = binary.architecture if binary else "any"
     return ReleaseFile(
         path=found.relative,
-        type=_file_type(found, binary.is_library if binary else False, binary is not None),
+        type=_file_type(
+            found, binary.is_library if binary else False, binary is not None
+        ),
         sha256_hash=digest,
         size_bytes=size,
         permissions=f"{found.mode & 0o777:04o}",
@@ -202,6 +218,8 @@ def _file_type(found: _Found, is_library: bool, is_binary: bool) -> str:
     if found.mode & 0o111:
         return "executable"
     top = found.relative.split("/", 1)[0]
-    if name.endswith(_CONFIG_SUFFIXES) or (top in _CONFIG_FOLDERS and "/" in found.relative):
+    if name.endswith(_CONFIG_SUFFIXES) or (
+        top in _CONFIG_FOLDERS and "/" in found.relative
+    ):
         return "config"
     return "data"

@@ -40,9 +40,19 @@ def _register_pull(subcommands: argparse._SubParsersAction) -> None:
             "missing from ROOT/store. An interrupted download resumes where it stopped."
         ),
     )
-    pull.add_argument("--mirror", required=True, metavar="URL", help="mirror base URL, such as http://127.0.0.1:8080")
+    pull.add_argument(
+        "--mirror",
+        required=True,
+        metavar="URL",
+        help="mirror base URL, such as http://127.0.0.1:8080",
+    )
     _add_root(pull)
-    pull.add_argument("--trust", required=True, metavar="CA.pem", help="trusted root certificates (PEM)")
+    pull.add_argument(
+        "--trust",
+        required=True,
+        metavar="CA.pem",
+        help="trusted root certificates (PEM)",
+    )
     pull.add_argument("--version", help="version to pull (default: the latest)")
     pull.add_argument(
         "--concurrency",
@@ -98,7 +108,9 @@ def _register_apply(subcommands: argparse._SubParsersAction) -> None:
         ),
     )
     _add_root(apply)
-    apply.add_argument("--version", required=True, help="version to deploy (must be pulled)")
+    apply.add_argument(
+        "--version", required=True, help="version to deploy (must be pulled)"
+    )
     apply.add_argument(
         "--trust",
         metavar="CA.pem",
@@ -106,7 +118,9 @@ def _register_apply(subcommands: argparse._SubParsersAction) -> None:
         "on the verification recorded by pull",
     )
     apply.add_argument(
-        "--allow-downgrade", action="store_true", help="allow a version lower than the current one"
+        "--allow-downgrade",
+        action="store_true",
+        help="allow a version lower than the current one",
     )
     apply.add_argument("--json", action="store_true", help="print the result as JSON")
     apply.set_defaults(handler=_run_apply)
@@ -114,7 +128,9 @@ def _register_apply(subcommands: argparse._SubParsersAction) -> None:
 
 def _run_apply(arguments: argparse.Namespace) -> int:
     trust = load_certificates(arguments.trust) if arguments.trust else None
-    result = apply_release(arguments.root, arguments.version, trust, arguments.allow_downgrade)
+    result = apply_release(
+        arguments.root, arguments.version, trust, arguments.allow_downgrade
+    )
     _emit_deploy(result, "applied", arguments.json)
     return 0
 
@@ -129,8 +145,12 @@ def _register_rollback(subcommands: argparse._SubParsersAction) -> None:
         ),
     )
     _add_root(rollback)
-    rollback.add_argument("--id", dest="rollback_id", help="rollback id printed by apply or status")
-    rollback.add_argument("--json", action="store_true", help="print the result as JSON")
+    rollback.add_argument(
+        "--id", dest="rollback_id", help="rollback id printed by apply or status"
+    )
+    rollback.add_argument(
+        "--json", action="store_true", help="print the result as JSON"
+    )
     rollback.set_defaults(handler=_run_rollback)
 
 
@@ -194,5 +214,3 @@ def _run_status(arguments: argparse.Namespace) -> int:
             )
     emit(result, "\n".join(lines), arguments.json)
     return 0
-
-

@@ -88,13 +88,24 @@ def apply_release(
             else:
                 previous = current
                 _flip(node, version, previous)
-            rollback_id = state.record_deployment("apply", version, previous, manifest_hash)
+            rollback_id = state.record_deployment(
+                "apply", version, previous, manifest_hash
+            )
         except RelmanError as error:
             state.audit("apply", version, "rejected", reason=str(error))
             raise
         state.audit("apply", version, "ok", previous=previous, rollback_id=rollback_id)
-    logger.info("applied %s (previous %s, rollback id %s)", version, previous, rollback_id)
-    return DeployResult(version, previous, rollback_id, len(manifest.files), reused, time.monotonic() - started)
+    logger.info(
+        "applied %s (previous %s, rollback id %s)", version, previous, rollback_id
+    )
+    return DeployResult(
+        version,
+        previous,
+        rollback_id,
+        len(manifest.files),
+        reused,
+        time.monotonic() - started,
+    )
 
 
 def rollback_release(root: str | Path, rollback_id: str | None = None) -> DeployResult:
@@ -113,7 +124,9 @@ def rollback_release(root: str | Path, rollback_id: str | None = None) -> Deploy
         current = node.link_version(node.current)
         target = _rollback_target(node, state, rollback_id)
         if target == current:
-            raise InputError(f"version {target} is already current; nothing to roll back")
+            raise InputError(
+                f"version {target} is already current; nothing to roll back"
+            )
         try:
             release = node.store.load_release(target)
             _check_tree(node.releases / target, release.manifest, node.store.blobs)
@@ -121,10 +134,19 @@ def rollback_release(root: str | Path, rollback_id: str | None = None) -> Deploy
         except RelmanError as error:
             state.audit("rollback", target, "rejected", reason=str(error))
             raise
-        new_id = state.record_deployment("rollback", target, current, release.manifest_hash)
+        new_id = state.record_deployment(
+            "rollback", target, current, release.manifest_hash
+        )
         state.audit("rollback", target, "ok", previous=current, rollback_id=new_id)
     logger.info("rolled back from %s to %s", current, target)
-    return DeployResult(target, current, new_id, len(release.manifest.files), True, time.monotonic() - started)
+    return DeployResult(
+        target,
+        current,
+        new_id,
+        len(release.manifest.files),
+        True,
+        time.monotonic() - started,
+    )
 
 
 def _rollback_target(node: Node, state, rollback_id: str | None) -> str:  # noqa: ANN001
@@ -138,13 +160,19 @@ def _rollback_target(node: Node, state, rollback_id: str | None) -> str:  # noqa
         return target
     deployment = state.deployment(rollback_id)
     if deployment is None:
-        raise InputError(f"rollback id {rollback_id!r} is unknown; see `relman status` for the ids")
+        raise InputError(
+            f"rollback id {rollback_id!r} is unknown; see `relman status` for the ids"
+        )
     if not deployment["previous_version"]:
-        raise InputError(f"rollback id {rollback_id!r} replaced no release; nothing to roll back to")
+        raise InputError(
+            f"rollback id {rollback_id!r} replaced no release; nothing to roll back to"
+        )
     return deployment["previous_version"]
 
 
-def _load_verified(node: Node, version: str, trust_roots, state) -> tuple[Manifest, str]:  # noqa: ANN001
+def _load_verified(
+    node: Node, version: str, trust_roots, state
+) -> tuple[Manifest, str]:  # noqa: ANN001
     try:
         release = node.store.load_release(version)
     except KeyError as error:
@@ -162,7 +190,9 @@ def _load_verified(node: Node, version: str, trust_roots, state) -> tuple[Manife
     return release.manifest, release.manifest_hash
 
 
-def _check_upgrade_path(manifest: Manifest, current: str | None, allow_downgrade: bool) -> None:
+def _check_upgrade_path(
+    manifest: Manifest, current: str | None, allow_downgrade: bool
+) -> None:
     if current is None or current == manifest.version:
         return
     if Version(manifest.version) < Version(current) and not allow_downgrade:
@@ -182,7 +212,9 @@ def _check_symlinks(manifest: Manifest, blobs: BlobStore) -> None:
     targets = {}
     for entry in manifest.files:
         if entry.type == "symlink":
-            targets[entry.path] = blobs.read_bytes(entry.sha256_hash).decode("utf-8", "surrogateescape")
+            targets[entry.path] = blobs.read_bytes(entry.sha256_hash).decode(
+                "utf-8", "surrogateescape"
+            )
     check_symlinks(targets)
 
 
@@ -235,10 +267,14 @@ def _build_tree(staging: Path, manifest: Manifest, blobs: BlobStore) -> None:
         destination = staging / entry.path
         destination.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if entry.type == "symlink":
-            target = blobs.read_bytes(entry.sha256_hash).decode("utf-8", "surrogateescape")
+            target = blobs.read_bytes(entry.sha256_hash).decode(
+                "utf-8", "surrogateescape"
+            )
             os.symlink(target, destination)
         else:
-            os.link(mode_inode(blobs, entry.sha256_hash, deployed_mode(entry)), destination)
+            os.link(
+                mode_inode(blobs, entry.sha256_hash, deployed_mode(entry)), destination
+            )
 
 
 def mode_inode(blobs: BlobStore, digest: str, mode: int) -> Path:
@@ -272,17 +308,27 @@ def _check_tree(tree: Path, manifest: Manifest, blobs: BlobStore) -> None:
         try:
             info = path.lstat()
         except FileNotFoundError as error:
-            raise IntegrityError(f"{entry.path!r} is missing from {str(tree)!r}") from error
+            raise IntegrityError(
+                f"{entry.path!r} is missing from {str(tree)!r}"
+            ) from error
         if entry.type == "symlink":
-            expected = blobs.read_bytes(entry.sha256_hash).decode("utf-8", "surrogateescape")
+            expected = blobs.read_bytes(entry.sha256_hash).decode(
+                "utf-8", "surrogateescape"
+            )
             if not path.is_symlink() or os.readlink(path) != expected:
-                raise IntegrityError(f"symlink {entry.path!r} in {str(tree)!r} was changed")
+                raise IntegrityError(
+                    f"symlink {entry.path!r} in {str(tree)!r} was changed"
+                )
             continue
         source = mode_inode(blobs, entry.sha256_hash, deployed_mode(entry)).stat()
         if (info.st_ino, info.st_dev) != (source.st_ino, source.st_dev):
-            raise IntegrityError(f"{entry.path!r} in {str(tree)!r} is not the store's file")
+            raise IntegrityError(
+                f"{entry.path!r} in {str(tree)!r} is not the store's file"
+            )
         if (info.st_mode & 0o7777) != deployed_mode(entry):
-            raise IntegrityError(f"{entry.path!r} in {str(tree)!r} has mode {info.st_mode & 0o7777:04o}")
+            raise IntegrityError(
+                f"{entry.path!r} in {str(tree)!r} has mode {info.st_mode & 0o7777:04o}"
+            )
 
 
 def _flip(node: Node, version: str, previous: str | None) -> None:

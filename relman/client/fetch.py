@@ -107,9 +107,13 @@ async def get_json(session: aiohttp.ClientSession, base: str, path: str) -> Any:
         async with session.get(url) as response:
             body = await response.read()
             if response.status != 200:
-                raise FetchError(f"GET {url} failed with HTTP {response.status}: {_error_text(body)}")
+                raise FetchError(
+                    f"GET {url} failed with HTTP {response.status}: {_error_text(body)}"
+                )
     except aiohttp.ClientError as error:
-        raise FetchError(f"GET {url} failed: {error}; check --mirror and that the mirror runs") from error
+        raise FetchError(
+            f"GET {url} failed: {error}; check --mirror and that the mirror runs"
+        ) from error
     try:
         return load_json_bytes(body, f"response of {url}")
     except ValueError as error:
@@ -161,25 +165,35 @@ class BlobFetcher:
         if self.store.has(digest):
             return
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        partial = _Partial(self.partial_dir / digest, self.partial_dir / f"{digest}.etag")
+        partial = _Partial(
+            self.partial_dir / digest, self.partial_dir / f"{digest}.etag"
+        )
         url = mirror_url(self.base_url, blob_relative_path(digest))
         for attempt in range(1, self.retries + 1):
             try:
                 await self._attempt(url, partial, digest, size)
                 break
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as error:
+            except (TimeoutError, aiohttp.ClientError, ConnectionError) as error:
                 if attempt == self.retries:
                     raise FetchError(
                         f"download of {url} failed after {attempt} attempts: {error!r}; "
                         "run the pull again to resume it"
                     ) from error
                 self.stats.retries += 1
-                logger.warning("download of %s failed (%r); retry %d of %d", url, error, attempt, self.retries - 1)
+                logger.warning(
+                    "download of %s failed (%r); retry %d of %d",
+                    url,
+                    error,
+                    attempt,
+                    self.retries - 1,
+                )
                 await asyncio.sleep(0.2 * attempt)
         await asyncio.to_thread(self._commit, partial, digest, size)
         self.stats.blobs_fetched += 1
 
-    async def _attempt(self, url: str, partial: _Partial, digest: str, size: int) -> None:
+    async def _attempt(
+        self, url: str, partial: _Partial, digest: str, size: int
+    ) -> None:
         offset = partial.size
         if offset > size:
             partial.discard()
@@ -203,11 +217,15 @@ class BlobFetcher:
                 self.stats.resumed += 1
             await self._receive(response, partial, offset, size, url)
 
-    def _start_offset(self, response, url: str, offset: int, size: int, partial: _Partial) -> int | None:  # noqa: ANN001
+    def _start_offset(
+        self, response, url: str, offset: int, size: int, partial: _Partial
+    ) -> int | None:  # noqa: ANN001
         """Return where the response body starts in the blob, or None if nothing is to read."""
         if response.status == 200:
             if offset:
-                logger.info("mirror sent all of %s instead of a range; starting over", url)
+                logger.info(
+                    "mirror sent all of %s instead of a range; starting over", url
+                )
             partial.discard()
             return 0
         if response.status == 206:
@@ -223,10 +241,14 @@ class BlobFetcher:
             return None
         if response.status == 416:
             partial.discard()
-            raise aiohttp.ClientPayloadError(f"range not satisfiable at {offset}; restarting")
+            raise aiohttp.ClientPayloadError(
+                f"range not satisfiable at {offset}; restarting"
+            )
         raise FetchError(f"GET {url} failed with HTTP {response.status}")
 
-    async def _receive(self, response, partial: _Partial, offset: int, size: int, url: str) -> None:  # noqa: ANN001
+    async def _receive(
+        self, response, partial: _Partial, offset: int, size: int, url: str
+    ) -> None:  # noqa: ANN001
         mode = "ab" if offset else "wb"
         with open(partial.path, mode) as stream:
             written = offset
@@ -245,7 +267,9 @@ class BlobFetcher:
                 if self.progress:
                     self.progress(len(chunk))
         if written < size:
-            raise aiohttp.ClientPayloadError(f"connection closed after {written} of {size} bytes")
+            raise aiohttp.ClientPayloadError(
+                f"connection closed after {written} of {size} bytes"
+            )
         stream_flush_and_sync(partial.path)
 
     def _commit(self, partial: _Partial, digest: str, size: int) -> None:

@@ -1,11 +1,11 @@
 """The folders of a node and the lock that serialises changes to them.
 
-    <root>/store/               the local repository (same layout as a mirror's)
-    <root>/store/modes/<mode>/  read-only copies of blobs for deployed modes other than 0444
-    <root>/releases/<version>/  deployed trees, files hard-linked from the store
-    <root>/current  -> releases/<version>
-    <root>/previous -> releases/<version>
-    <root>/state.sqlite         verified manifests, deployments, audit log
+<root>/store/               the local repository (same layout as a mirror's)
+<root>/store/modes/<mode>/  read-only copies of blobs for deployed modes other than 0444
+<root>/releases/<version>/  deployed trees, files hard-linked from the store
+<root>/current  -> releases/<version>
+<root>/previous -> releases/<version>
+<root>/state.sqlite         verified manifests, deployments, audit log
 """
 
 from __future__ import annotations

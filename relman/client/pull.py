@@ -64,7 +64,9 @@ class PullResult:
     seconds: float
 
 
-def verify_envelope(envelope: object, trust_roots: list[x509.Certificate]) -> VerifiedEnvelope:
+def verify_envelope(
+    envelope: object, trust_roots: list[x509.Certificate]
+) -> VerifiedEnvelope:
     """Rebuild the signed bytes from an API envelope and verify them (steps 1 to 3).
 
     Raises:
@@ -74,7 +76,9 @@ def verify_envelope(envelope: object, trust_roots: list[x509.Certificate]) -> Ve
     """
     if not isinstance(envelope, dict):
         raise ManifestError("the mirror's manifest envelope is not a JSON object")
-    body_fields = {key: value for key, value in envelope.items() if key not in ENVELOPE_KEYS}
+    body_fields = {
+        key: value for key, value in envelope.items() if key not in ENVELOPE_KEYS
+    }
     body = canonical_bytes(body_fields)
 
     # 1. The body matches the hash the envelope announces.
@@ -112,8 +116,14 @@ async def pull_release(
     """Fetch the manifest of ``version`` (default: the latest) and the blobs the node lacks."""
     started = time.monotonic()
     node = Node.open(root, create=True)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=DEFAULT_TIMEOUT_SECONDS, sock_read=DEFAULT_TIMEOUT_SECONDS)
-    async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as session:
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=DEFAULT_TIMEOUT_SECONDS,
+        sock_read=DEFAULT_TIMEOUT_SECONDS,
+    )
+    async with aiohttp.ClientSession(
+        timeout=timeout, raise_for_status=False
+    ) as session:
         envelope = await get_json(session, mirror, manifest_path(version))
         try:
             verified = await asyncio.to_thread(verify_envelope, envelope, trust_roots)
@@ -134,8 +144,14 @@ async def pull_release(
             len(verified.manifest.files),
             total,
         )
-        bar = progress_factory(total, f"pull {verified.manifest.version}") if progress_factory else None
-        fetcher = BlobFetcher(session, mirror, store.blobs, progress=bar.update if bar else None)
+        bar = (
+            progress_factory(total, f"pull {verified.manifest.version}")
+            if progress_factory
+            else None
+        )
+        fetcher = BlobFetcher(
+            session, mirror, store.blobs, progress=bar.update if bar else None
+        )
         try:
             await _fetch_all(fetcher, missing, concurrency)
         finally:
@@ -161,7 +177,9 @@ def _missing_blobs(manifest: Manifest, blobs) -> dict[str, int]:  # noqa: ANN001
     return missing
 
 
-async def _fetch_all(fetcher: BlobFetcher, missing: dict[str, int], concurrency: int) -> None:
+async def _fetch_all(
+    fetcher: BlobFetcher, missing: dict[str, int], concurrency: int
+) -> None:
     """Fetch every missing blob, at most ``concurrency`` at once; stop at the first failure."""
     queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
     for item in sorted(missing.items(), key=lambda pair: -pair[1]):
@@ -196,9 +214,17 @@ def _record(node: Node, verified: VerifiedEnvelope, mirror: str) -> None:
                 verified.signer.fingerprint,
                 mirror,
             )
-            state.audit("pull", verified.manifest.version, "ok", mirror=mirror, manifest_hash=verified.manifest_hash)
+            state.audit(
+                "pull",
+                verified.manifest.version,
+                "ok",
+                mirror=mirror,
+                manifest_hash=verified.manifest_hash,
+            )
 
 
-def _audit(node: Node, action: str, version: str | None, outcome: str, **detail: object) -> None:
+def _audit(
+    node: Node, action: str, version: str | None, outcome: str, **detail: object
+) -> None:
     with node.state() as state:
         state.audit(action, version, outcome, **detail)

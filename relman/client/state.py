@@ -57,13 +57,25 @@ class NodeState:
             if_not_exists=True,
         )
         self.db["audit_log"].create(
-            {"id": int, "at": str, "action": str, "version": str, "outcome": str, "detail": str},
+            {
+                "id": int,
+                "at": str,
+                "action": str,
+                "version": str,
+                "outcome": str,
+                "detail": str,
+            },
             pk="id",
             if_not_exists=True,
         )
 
     def record_verified(
-        self, version: str, manifest_hash: str, subject: str, fingerprint: str, mirror: str
+        self,
+        version: str,
+        manifest_hash: str,
+        subject: str,
+        fingerprint: str,
+        mirror: str,
     ) -> None:
         with self.db.conn:
             self.db["verified_manifests"].upsert(
@@ -81,7 +93,8 @@ class NodeState:
     def verified_hash(self, version: str) -> str | None:
         rows = list(
             self.db.query(
-                "select manifest_hash from verified_manifests where version = ?", [version]
+                "select manifest_hash from verified_manifests where version = ?",
+                [version],
             )
         )
         return rows[0]["manifest_hash"] if rows else None
@@ -106,16 +119,23 @@ class NodeState:
 
     def deployment(self, rollback_id: str) -> dict[str, Any] | None:
         rows = list(
-            self.db.query("select * from deployments where rollback_id = ?", [rollback_id])
+            self.db.query(
+                "select * from deployments where rollback_id = ?", [rollback_id]
+            )
         )
         return rows[0] if rows else None
 
     def deployments(self, limit: int = 20) -> list[dict[str, Any]]:
         return list(
-            self.db.query("select * from deployments order by at desc, rowid desc limit ?", [limit])
+            self.db.query(
+                "select * from deployments order by at desc, rowid desc limit ?",
+                [limit],
+            )
         )
 
-    def audit(self, action: str, version: str | None, outcome: str, **detail: Any) -> None:
+    def audit(
+        self, action: str, version: str | None, outcome: str, **detail: Any
+    ) -> None:
         with self.db.conn:
             self.db["audit_log"].insert(
                 {
