@@ -228,3 +228,13 @@ def test_generate_keeps_setuid_out(tree: Path, tmp_path: Path) -> None:
     files = {entry["path"]: entry for entry in load(tmp_path / "m.json")["files"]}
     assert files["bin/server"]["permissions"] == "0755"
     assert stat.S_IMODE((tree / "bin" / "server").stat().st_mode) == 0o4755
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node needs root")
+def test_generate_rejects_device(tree: Path, tmp_path: Path) -> None:
+    os.mknod(tree / "etc" / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    result = generate(tree, tmp_path / "m.json", check=False)
+    assert result.returncode == 1
+    assert "'etc/null'" in result.stderr
+    assert "character device" in result.stderr
+    assert not (tmp_path / "m.json").exists()
