@@ -28,12 +28,14 @@ from typing import TypeVar
 
 import uvloop
 
+from relman.cas.audit import AuditFile
 from relman.cas.cms import sign_detached
 from relman.cas.console import format_bytes
 from relman.cas.errors import InputError, RelmanError
 from relman.cas.fsutil import atomic_write_bytes
 from relman.cas.generate import ReleaseInfo, build_manifest
-from relman.cas.pki import init_pki, load_certificates
+from relman.cas.pki import init_pki
+from relman.cas.policy import policy_from_roots
 from relman.cas.publish import publish_release
 from relman.client.deploy import apply_release, rollback_release
 from relman.client.pull import pull_release
@@ -122,7 +124,7 @@ def _run_steps(source: Path, excludes: tuple[str, ...], workdir: Path) -> None:
     second_tree = workdir / "release-1.1.0"
 
     _step("create a development PKI", lambda: init_pki(pki))
-    trust = load_certificates(pki / "ca.pem")
+    trust = policy_from_roots(pki / "ca.pem")
     _step(
         "make release 1.1.0: copy 1.0.0, change, add and remove files",
         lambda: _make_second_release(source, excludes, second_tree),
@@ -214,7 +216,8 @@ def _publish(
     manifest_file = workdir / f"manifest-{version}.json"
     atomic_write_bytes(manifest_file, body)
     signature = sign_detached(body, pki / "signer.key", pki / "signer.pem")
-    result = publish_release(repo, body, signature, tree, trust)
+    audit = AuditFile(workdir / "audit.jsonl")
+    result = publish_release(repo, body, signature, tree, trust, audit=audit)
     print(
         f"   {len(manifest.files)} files, {format_bytes(manifest.total_size)}; "
         f"{format_bytes(result.bytes_copied)} of new blobs stored; manifest sha256 "

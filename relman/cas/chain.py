@@ -1,33 +1,68 @@
-"""Certificate path validation for manifest signers (RFC 5280).
+"""Certificate path validation (RFC 5280) with revocation, at a chosen time.
 
 pyhanko-certvalidator builds and validates the path: validity periods,
-basic constraints, key usage, name chaining and signatures along the path.
-relman adds the requirements of a code signer: the digitalSignature key
-usage and the codeSigning extended key usage.
+basic constraints, key usage, name chaining, signatures along the path, and
+the CRLs and OCSP responses it is given. relman adds the usage a role needs
+(a code signer: digitalSignature and codeSigning; a timestamp authority:
+timeStamping) and turns every refusal into one line that names the check and
+the certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pyhanko_certvalidator import CertificateValidator, ValidationContext
 from pyhanko_certvalidator.errors import (
+    DisallowedAlgorithmError,
     ExpiredError,
+    InsufficientRevinfoError,
     InvalidCertificateError,
     NotYetValidError,
     PathBuildingError,
     PathValidationError,
     RevokedError,
 )
+from pyhanko_certvalidator.policy_decl import (
+    CertRevTrustPolicy,
+    RevocationCheckingPolicy,
+    RevocationCheckingRule,
+)
 
 from relman.cas.errors import SignatureError
+from relman.cas.policy import TrustPolicy
+from relman.cas.revocation import RevocationInfo, add_ocsp_response
 
 logger = logging.getLogger(__name__)
+
+CODE_SIGNING = "code_signing"
+TIME_STAMPING = "time_stamping"
+
+_USAGE_NAMES = {CODE_SIGNING: "codeSigning", TIME_STAMPING: "timeStamping"}
+_USAGE_OIDS = {
+    CODE_SIGNING: ExtendedKeyUsageOID.CODE_SIGNING,
+    TIME_STAMPING: ExtendedKeyUsageOID.TIME_STAMPING,
+}
+
+
+@dataclass(frozen=True)
+class ValidatedChain:
+    """A path from a certificate to a trusted root, and how revocation was checked."""
+
+    certificates: tuple[x509.Certificate, ...]
+    revocation_checked: bool
+    revocation_notes: tuple[str, ...]
+
+
+def subject_of(certificate: x509.Certificate) -> str:
+    return certificate.subject.rfc4514_string()
 
 
 def _to_asn1(certificate: x509.Certificate) -> asn1_x509.Certificate:
@@ -36,63 +71,227 @@ def _to_asn1(certificate: x509.Certificate) -> asn1_x509.Certificate:
     )
 
 
-def validate_signer_chain(
-    signer: x509.Certificate,
-    intermediates: list[x509.Certificate],
-    trust_roots: list[x509.Certificate],
+def _from_asn1(certificate: asn1_x509.Certificate) -> x509.Certificate:
+    return x509.load_der_x509_certificate(certificate.dump())
+
+
+def validate_chain(
+    leaf: x509.Certificate,
+    carried: list[x509.Certificate],
+    roots: tuple[x509.Certificate, ...] | list[x509.Certificate],
+    usage: str,
     moment: datetime | None = None,
-) -> None:
-    """Validate ``signer`` up to one of ``trust_roots`` at ``moment`` (default: now).
+    policy: TrustPolicy | None = None,
+    revocation: RevocationInfo | None = None,
+) -> ValidatedChain:
+    """Validate ``leaf`` up to one of ``roots`` at ``moment`` (default: now).
+
+    Args:
+        leaf: the signer or timestamp authority certificate.
+        carried: certificates that came with the signature (possible intermediates).
+        roots: the trust anchors.
+        usage: CODE_SIGNING or TIME_STAMPING, the extended key usage required.
+        moment: the time at which every certificate must be valid.
+        policy: supplies configured intermediates and the revocation settings;
+            None checks no revocation.
+        revocation: CRLs already gathered for ``policy``.
 
     Raises:
-        SignatureError: no path reaches a trusted root, or a certificate on the
-            path is expired, not yet valid, revoked or lacks a required usage.
+        SignatureError: no path reaches a trusted root, a certificate is
+            expired, not yet valid, revoked or lacks the usage, or (with
+            hard fail) its revocation status could not be obtained.
     """
-    if not trust_roots:
+    subject = subject_of(leaf)
+    if not roots:
         raise SignatureError(
             "no trusted root certificates are configured; pass --trust CA.pem"
         )
-    subject = signer.subject.rfc4514_string()
+    _require_usage(leaf, usage)
+
+    moment = moment or datetime.now(UTC)
+    intermediates = list(carried) + list(policy.intermediates if policy else ())
+    info = revocation or RevocationInfo()
+    path = _build_path(leaf, intermediates, roots)
+
+    checks = policy is not None and policy.checks_revocation
+    notes: list[str] = []
+    if checks and policy.ocsp and len(path) > 1:
+        add_ocsp_response(info, leaf, path[1], policy)
+    rules = _revocation_rules(path, info, policy, notes) if checks else None
+
     context = ValidationContext(
-        trust_roots=[_to_asn1(root) for root in trust_roots],
+        trust_roots=[_to_asn1(root) for root in roots],
         other_certs=[_to_asn1(cert) for cert in intermediates],
-        moment=moment or datetime.now(UTC),
+        moment=moment,
         allow_fetching=False,
-        revocation_mode="soft-fail",
+        crls=[crl.public_bytes(serialization.Encoding.DER) for crl in info.crls],
+        ocsps=info.ocsp_responses,
+        revinfo_policy=CertRevTrustPolicy(
+            rules
+            or RevocationCheckingPolicy(
+                RevocationCheckingRule.NO_CHECK, RevocationCheckingRule.NO_CHECK
+            )
+        ),
+        retroactive_revinfo=True,
     )
     validator = CertificateValidator(
-        _to_asn1(signer),
+        _to_asn1(leaf),
         intermediate_certs=[_to_asn1(cert) for cert in intermediates],
         validation_context=context,
     )
     try:
         asyncio.run(
             validator.async_validate_usage(
-                key_usage={"digital_signature"},
-                extended_key_usage={"code_signing"},
+                key_usage={"digital_signature"}, extended_key_usage={usage}
             )
         )
     except PathBuildingError as error:
         raise SignatureError(
             f"certificate chain of {subject} does not reach a trusted root"
         ) from error
-    except ExpiredError as error:
-        raise SignatureError(
-            f"certificate {subject} expired on {signer.not_valid_after_utc:%Y-%m-%d}"
-        ) from error
-    except NotYetValidError as error:
-        raise SignatureError(
-            f"certificate {subject} is not valid before {signer.not_valid_before_utc:%Y-%m-%d}"
-        ) from error
     except RevokedError as error:
+        raise SignatureError(_revoked_message(path, info, error)) from error
+    except InsufficientRevinfoError as error:
         raise SignatureError(
-            f"certificate on the path of {subject} is revoked: {error}"
+            f"revocation status of {subject} could not be obtained ({'; '.join(info.problems) or error}); "
+            'the trust policy requires it (revocation = "hard-fail")'
+        ) from error
+    except ExpiredError as error:
+        raise SignatureError(_validity_message(path, moment, expired=True)) from error
+    except NotYetValidError as error:
+        raise SignatureError(_validity_message(path, moment, expired=False)) from error
+    except DisallowedAlgorithmError as error:
+        raise SignatureError(
+            f"certificate chain of {subject} uses a disallowed algorithm: {error}"
         ) from error
     except InvalidCertificateError as error:
         raise SignatureError(
-            f"certificate {subject} is not acceptable for code signing: {error}"
+            f"certificate {subject} is not acceptable: {error}"
         ) from error
     except PathValidationError as error:
         raise SignatureError(
             f"certificate chain of {subject} is invalid: {error}"
         ) from error
+    return ValidatedChain(tuple(path), rules is not None, tuple(notes))
+
+
+def _require_usage(leaf: x509.Certificate, usage: str) -> None:
+    """Raise SignatureError unless ``leaf`` carries the extended key usage of its role."""
+    name = _USAGE_NAMES[usage]
+    try:
+        extension = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except x509.ExtensionNotFound as error:
+        raise SignatureError(
+            f"certificate {subject_of(leaf)} is missing the {name} extended key usage"
+        ) from error
+    if _USAGE_OIDS[usage] not in extension.value:
+        raise SignatureError(
+            f"certificate {subject_of(leaf)} is missing the {name} extended key usage"
+        )
+    if usage == TIME_STAMPING and not extension.critical:
+        raise SignatureError(
+            f"timestamp authority certificate {subject_of(leaf)} must mark its "
+            "timeStamping extended key usage critical (RFC 3161, section 2.3)"
+        )
+
+
+def _build_path(
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    roots: tuple[x509.Certificate, ...] | list[x509.Certificate],
+) -> list[x509.Certificate]:
+    """Return leaf, intermediates and root by name chaining, for messages and rules.
+
+    The validator repeats this with full checks; here a missing link only
+    means the path stops early.
+    """
+    path = [leaf]
+    pool = list(intermediates) + list(roots)
+    while len(path) < 10:
+        current = path[-1]
+        if current.issuer == current.subject and current in roots:
+            break
+        issuer = next(
+            (
+                cert
+                for cert in pool
+                if cert.subject == current.issuer and cert not in path
+            ),
+            None,
+        )
+        if issuer is None:
+            break
+        path.append(issuer)
+    return path
+
+
+def _revocation_rules(
+    path: list[x509.Certificate],
+    info: RevocationInfo,
+    policy: TrustPolicy,
+    notes: list[str],
+) -> RevocationCheckingPolicy:
+    """Require revocation data where it was obtained; elsewhere as soft or hard fail says."""
+    leaf_known = len(path) > 1 and (
+        info.has_crl_from(path[1]) or bool(info.ocsp_responses)
+    )
+    authorities = path[1:-1]
+    authorities_known = all(
+        info.has_crl_from(path[index + 1]) for index in range(1, len(path) - 1)
+    )
+    required = RevocationCheckingRule.CRL_OR_OCSP_REQUIRED
+    skipped = RevocationCheckingRule.NO_CHECK
+    leaf_rule = required if leaf_known or policy.hard_fail else skipped
+    authority_rule = required if authorities_known or policy.hard_fail else skipped
+    if leaf_rule is skipped:
+        notes.append(f"revocation status of {subject_of(path[0])} unknown (soft fail)")
+    if authorities and authority_rule is skipped:
+        notes.append("revocation status of intermediate CAs unknown (soft fail)")
+    for note in notes:
+        logger.warning("%s", note)
+    return RevocationCheckingPolicy(leaf_rule, authority_rule)
+
+
+def _revoked_message(
+    path: list[x509.Certificate], info: RevocationInfo, error: Exception
+) -> str:
+    for certificate in path:
+        entry = info.revocation_entry(certificate)
+        if entry is not None:
+            return _format_revoked(
+                certificate, entry.revocation_date_utc, _crl_reason(entry)
+            )
+    detail = getattr(error, "reason", None)
+    date = getattr(error, "revocation_dt", None)
+    if date is not None:
+        reason = getattr(detail, "human_friendly", None) or str(detail or "unspecified")
+        return _format_revoked(path[0], date, reason)
+    return f"certificate on the path of {subject_of(path[0])} is revoked: {error}"
+
+
+def _format_revoked(certificate: x509.Certificate, date: datetime, reason: str) -> str:
+    return f"certificate {subject_of(certificate)} was revoked on {date:%Y-%m-%d} with reason {reason}"
+
+
+def _crl_reason(entry: x509.RevokedCertificate) -> str:
+    try:
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return "unspecified"
+    # ReasonFlags values are the RFC 5280 names, such as keyCompromise.
+    return reason.value
+
+
+def _validity_message(
+    path: list[x509.Certificate], moment: datetime, expired: bool
+) -> str:
+    for certificate in path:
+        if expired and certificate.not_valid_after_utc < moment:
+            return f"certificate {subject_of(certificate)} expired on {certificate.not_valid_after_utc:%Y-%m-%d}"
+        if not expired and certificate.not_valid_before_utc > moment:
+            return (
+                f"certificate {subject_of(certificate)} is not valid before "
+                f"{certificate.not_valid_before_utc:%Y-%m-%d}"
+            )
+    state = "expired" if expired else "not yet valid"
+    return f"a certificate on the path of {subject_of(path[0])} is {state} at {moment:%Y-%m-%d %H:%M} UTC"

@@ -1,19 +1,21 @@
-"""Detached CMS (PKCS#7) SignedData over manifest bytes: signing and verifying.
+"""Detached CMS (PKCS#7) SignedData over manifest bytes: signing and the signature checks.
 
 Signing uses cryptography's PKCS7SignatureBuilder, so the output is what
-``openssl cms -sign -binary -outform DER`` makes: SHA-256, signed attributes
+``openssl cms -sign -binary -outform DER`` makes: signed attributes
 (contentType, signingTime, messageDigest), signer certificate included.
 
-Verification parses with asn1crypto, which reads the BER that ``openssl cms
--sign`` may write, and checks in this order:
+``parse_signature`` and ``check_content`` are steps 1 to 4 of verification;
+relman.cas.verify adds the timestamp, revocation and chain steps:
 
-1. the structure: SignedData, detached, exactly one SignerInfo;
+1. the structure: SignedData, exactly one SignerInfo, signer certificate included;
 2. the digest algorithm: SHA-256, SHA-384 or SHA-512 (SHA-1 and MD5 rejected);
 3. the signed attributes: contentType is id-data and messageDigest equals
    the digest of the content;
-4. the signature over the DER encoding of the signed attributes, with the
-   public key of the signer certificate found in the SignedData;
-5. the signer certificate's chain to a trusted root (relman.cas.chain).
+4. the signature value over the DER encoding of the signed attributes, with
+   RSA PKCS#1 v1.5, RSASSA-PSS or ECDSA.
+
+asn1crypto parses the SignedData, so the BER that ``openssl cms -sign`` may
+write is read as well as DER.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from asn1crypto import cms as asn1_cms
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from relman.cas.chain import validate_signer_chain
 from relman.cas.errors import InputError, SignatureError
 from relman.cas.pki import load_certificates, load_private_key
 
@@ -43,43 +45,63 @@ _HASHES = {
     "sha512": (hashlib.sha512, hashes.SHA512),
 }
 _WEAK_HASHES = ("md5", "sha1", "sha224")
+DIGESTS = tuple(_HASHES)
 
 
 @dataclass(frozen=True)
-class SignerInfo:
-    """The verified signer of a manifest."""
+class ParsedSignature:
+    """A SignedData whose structure and digest algorithm passed steps 1 and 2."""
 
-    subject: str
-    fingerprint: str
-    certificate: x509.Certificate
+    signed_data: asn1_cms.SignedData
+    signer_info: asn1_cms.SignerInfo
+    signer: x509.Certificate
+    certificates: tuple[x509.Certificate, ...]
+    digest_name: str
 
     @property
-    def certificate_pem(self) -> str:
-        return self.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    def signature_value(self) -> bytes:
+        """The signature octets, which an RFC 3161 timestamp covers."""
+        return self.signer_info["signature"].native
+
+    @property
+    def carried_certificates(self) -> list[x509.Certificate]:
+        return [cert for cert in self.certificates if cert != self.signer]
 
 
-def sign_detached(data: bytes, key_path: str | Path, cert_path: str | Path) -> bytes:
+def sign_detached(
+    data: bytes,
+    key_path: str | Path,
+    cert_path: str | Path,
+    digest: str = "sha256",
+    rsa_pss: bool = False,
+) -> bytes:
     """Return a DER detached CMS SignedData over ``data``.
 
     ``cert_path`` is a PEM file whose first certificate is the signer's; any
     further certificates (intermediates) are included in the SignedData.
+
+    Raises:
+        InputError: the key does not match the certificate, or ``rsa_pss`` is
+            set for a key that is not RSA.
     """
-    key = load_private_key(key_path)
-    certificates = load_certificates(cert_path)
+    key, certificates = load_signer(key_path, cert_path)
     signer = certificates[0]
-    if signer.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    if digest not in _HASHES:
         raise InputError(
-            f"private key {str(key_path)!r} does not belong to the first certificate "
-            f"in {str(cert_path)!r} ({signer.subject.rfc4514_string()})"
+            f"invalid digest {digest!r}; choose one of {', '.join(DIGESTS)}"
+        )
+    hash_algorithm = _HASHES[digest][1]()
+    options = {}
+    if rsa_pss:
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise InputError("--rsa-pss needs an RSA key")
+        options["rsa_padding"] = padding.PSS(
+            mgf=padding.MGF1(hash_algorithm), salt_length=hash_algorithm.digest_size
         )
     builder = (
         pkcs7.PKCS7SignatureBuilder()
         .set_data(data)
-        .add_signer(signer, key, hashes.SHA256())
+        .add_signer(signer, key, hash_algorithm, **options)
     )
     for extra in certificates[1:]:
         builder = builder.add_certificate(extra)
@@ -89,28 +111,107 @@ def sign_detached(data: bytes, key_path: str | Path, cert_path: str | Path) -> b
     )
 
 
-def verify_detached(
-    data: bytes,
-    signature: bytes,
-    trust_roots: list[x509.Certificate] | None,
-    moment: datetime | None = None,
-) -> SignerInfo:
-    """Verify a detached CMS signature over ``data`` and the signer's chain.
+def _public_der(public_key) -> bytes:  # noqa: ANN001 - any cryptography public key
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
-    With ``trust_roots`` None, steps 1 to 4 run and the chain is not checked:
-    the signature is intact, but its signer is not authenticated.
+
+def load_signer(
+    key_path: str | Path, cert_path: str | Path
+) -> tuple[object, list[x509.Certificate]]:
+    """Load a private key and its certificate chain, checking that they belong together.
 
     Raises:
-        SignatureError: any step of the module's checklist fails; the message
-            names the step and the value involved.
+        InputError: a file cannot be read, or the key is not the first certificate's.
+    """
+    key = load_private_key(key_path)
+    certificates = load_certificates(cert_path)
+    if _public_der(certificates[0].public_key()) != _public_der(key.public_key()):
+        raise InputError(
+            f"private key {str(key_path)!r} does not belong to the first certificate "
+            f"in {str(cert_path)!r} ({certificates[0].subject.rfc4514_string()})"
+        )
+    return key, certificates
+
+
+def sign_digest(
+    digest: bytes, digest_name: str, key, certificates: list[x509.Certificate]
+) -> bytes:  # noqa: ANN001
+    """Return a DER detached CMS SignedData for content whose digest is already known.
+
+    The content itself is never read, so a file of any size can be signed
+    from the SHA-256 the manifest records. The result has the same form as
+    ``sign_detached``: contentType, signingTime and messageDigest attributes,
+    signer certificate and chain included, RSA PKCS#1 v1.5 or ECDSA.
+    """
+    hash_class = _HASHES[digest_name][1]
+    attributes = asn1_cms.CMSAttributes(
+        [
+            {"type": "content_type", "values": ["data"]},
+            {
+                "type": "signing_time",
+                "values": [
+                    asn1_cms.Time(
+                        {"utc_time": datetime.now(UTC).replace(microsecond=0)}
+                    )
+                ],
+            },
+            {"type": "message_digest", "values": [digest]},
+        ]
+    )
+    signed_bytes = attributes.dump(force=True)
+    if isinstance(key, rsa.RSAPrivateKey):
+        value = key.sign(signed_bytes, padding.PKCS1v15(), hash_class())
+        algorithm = {"algorithm": "rsassa_pkcs1v15"}
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        value = key.sign(signed_bytes, ec.ECDSA(hash_class()))
+        algorithm = {"algorithm": f"{digest_name}_ecdsa"}
+    else:
+        raise InputError(f"unsupported key type {type(key).__name__}; use RSA or ECDSA")
+    asn1_certificates = [
+        asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+        for cert in certificates
+    ]
+    signer_info = asn1_cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": asn1_cms.SignerIdentifier(
+                {
+                    "issuer_and_serial_number": {
+                        "issuer": asn1_certificates[0].issuer,
+                        "serial_number": asn1_certificates[0].serial_number,
+                    }
+                }
+            ),
+            "digest_algorithm": {"algorithm": digest_name},
+            "signed_attrs": attributes,
+            "signature_algorithm": algorithm,
+            "signature": value,
+        }
+    )
+    signed_data = asn1_cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [{"algorithm": digest_name}],
+            "encap_content_info": {"content_type": "data"},
+            "certificates": asn1_certificates,
+            "signer_infos": [signer_info],
+        }
+    )
+    return asn1_cms.ContentInfo(
+        {"content_type": "signed_data", "content": signed_data}
+    ).dump()
+
+
+def parse_signature(signature: bytes) -> ParsedSignature:
+    """Run steps 1 and 2: parse the SignedData, check its digest, find the signer.
+
+    Raises:
+        SignatureError: the bytes are not a usable SignedData.
     """
     # 1. Structure.
     signed_data = _load_signed_data(signature)
-    content = signed_data["encap_content_info"]["content"]
-    if content.native is not None and content.native != data:
-        raise SignatureError(
-            "the signature embeds content that differs from the manifest"
-        )
     signer_infos = signed_data["signer_infos"]
     if len(signer_infos) != 1:
         raise SignatureError(
@@ -129,32 +230,49 @@ def verify_detached(
         raise SignatureError(
             f"unsupported digest algorithm {digest_name!r} in signature"
         )
-    hash_function, hash_class = _HASHES[digest_name]
+
+    certificates = _certificates(signed_data)
+    signer = _find_signer(signer_info, certificates)
+    return ParsedSignature(
+        signed_data, signer_info, signer, tuple(certificates), digest_name
+    )
+
+
+def check_content(parsed: ParsedSignature, data: bytes, what: str = "content") -> None:
+    """Run steps 3 and 4: the signed attributes and the signature value cover ``data``.
+
+    Raises:
+        SignatureError: ``data`` is not what was signed, or the value does not verify.
+    """
+    embedded = parsed.signed_data["encap_content_info"]["content"].native
+    if embedded is not None and embedded != data:
+        raise SignatureError(
+            f"the signature embeds content that differs from the {what}"
+        )
+    check_content_digest(parsed, _HASHES[parsed.digest_name][0](data).digest(), what)
+
+
+def check_content_digest(
+    parsed: ParsedSignature, digest: bytes, what: str = "content"
+) -> None:
+    """Run steps 3 and 4 for content whose digest, by ``parsed.digest_name``, is known."""
+    hash_class = _HASHES[parsed.digest_name][1]
 
     # 3. Signed attributes.
-    signed_attrs = signer_info["signed_attrs"]
+    signed_attrs = parsed.signer_info["signed_attrs"]
     if not signed_attrs.native:
         raise SignatureError(
             "the signature has no signed attributes; sign with signed attributes"
         )
-    _check_signed_attributes(signed_attrs, hash_function(data).digest())
+    _check_signed_attributes(signed_attrs, digest, what)
 
     # 4. Signature value.
-    certificates = _certificates(signed_data)
-    signer = _find_signer(signer_info, certificates)
     _check_signature_value(
-        signer, signer_info, _signed_attributes_der(signed_attrs), hash_class
+        parsed.signer,
+        parsed.signer_info,
+        _signed_attributes_der(signed_attrs),
+        hash_class,
     )
-
-    # 5. Certificate chain.
-    if trust_roots is not None:
-        intermediates = [cert for cert in certificates if cert != signer]
-        validate_signer_chain(signer, intermediates, trust_roots, moment)
-    fingerprint = signer.fingerprint(hashes.SHA256()).hex()
-    logger.debug(
-        "signature by %s (%s) verified", signer.subject.rfc4514_string(), fingerprint
-    )
-    return SignerInfo(signer.subject.rfc4514_string(), fingerprint, signer)
 
 
 def _load_signed_data(signature: bytes) -> asn1_cms.SignedData:
@@ -177,7 +295,7 @@ def _load_signed_data(signature: bytes) -> asn1_cms.SignedData:
 
 
 def _check_signed_attributes(
-    signed_attrs: asn1_cms.CMSAttributes, digest: bytes
+    signed_attrs: asn1_cms.CMSAttributes, digest: bytes, what: str
 ) -> None:
     values: dict[str, list] = {}
     for attribute in signed_attrs:
@@ -190,9 +308,9 @@ def _check_signed_attributes(
         )
     if values.get("message_digest") != [digest]:
         raise SignatureError(
-            "signature does not cover this manifest: its messageDigest differs "
-            "from the manifest's digest (the manifest changed after signing, or "
-            "the signature belongs to another file)"
+            f"signature does not cover this {what}: its messageDigest differs "
+            f"from the {what}'s digest (the {what} changed after signing, or "
+            "the signature belongs to something else)"
         )
 
 
@@ -223,7 +341,10 @@ def _find_signer(
         if sid.name == "issuer_and_serial_number":
             issuer = sid.chosen["issuer"].dump()
             serial = sid.chosen["serial_number"].native
-            if certificate.serial_number == serial and _name_der(certificate) == issuer:
+            if (
+                certificate.serial_number == serial
+                and certificate.issuer.public_bytes() == issuer
+            ):
                 return certificate
         elif sid.name == "subject_key_identifier":
             try:
@@ -240,10 +361,6 @@ def _find_signer(
     )
 
 
-def _name_der(certificate: x509.Certificate) -> bytes:
-    return certificate.issuer.public_bytes()
-
-
 def _check_signature_value(
     signer: x509.Certificate,
     signer_info: asn1_cms.SignerInfo,
@@ -254,20 +371,16 @@ def _check_signature_value(
     algorithm = signer_info["signature_algorithm"]
     name = algorithm["algorithm"].native
     value = signer_info["signature"].native
+    subject = signer.subject.rfc4514_string()
+    if name in ("md5_rsa", "sha1_rsa", "sha1_ecdsa", "sha224_rsa", "sha224_ecdsa"):
+        raise SignatureError(
+            f"signature by {subject} uses the weak algorithm {name}; re-sign with SHA-256 or stronger"
+        )
     try:
-        if isinstance(public_key, rsa.RSAPublicKey):
-            if name == "rsassa_pss":
-                parameters = algorithm["parameters"]
-                pss_hash = _HASHES.get(parameters["hash_algorithm"]["algorithm"].native)
-                if pss_hash is None:
-                    raise SignatureError("unsupported RSASSA-PSS hash in signature")
-                pad = padding.PSS(
-                    mgf=padding.MGF1(pss_hash[1]()),
-                    salt_length=parameters["salt_length"].native,
-                )
-                public_key.verify(value, signed_bytes, pad, pss_hash[1]())
-            else:
-                public_key.verify(value, signed_bytes, padding.PKCS1v15(), hash_class())
+        if isinstance(public_key, rsa.RSAPublicKey) and name == "rsassa_pss":
+            public_key.verify(value, signed_bytes, *_pss_parameters(algorithm))
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(value, signed_bytes, padding.PKCS1v15(), hash_class())
         elif isinstance(public_key, ec.EllipticCurvePublicKey):
             public_key.verify(value, signed_bytes, ec.ECDSA(hash_class()))
         else:
@@ -276,16 +389,33 @@ def _check_signature_value(
             )
     except InvalidSignature as error:
         raise SignatureError(
-            f"signature value does not verify with the key of {signer.subject.rfc4514_string()}"
+            f"signature value does not verify with the key of {subject}"
         ) from error
 
 
+def _pss_parameters(algorithm) -> tuple[padding.PSS, hashes.HashAlgorithm]:  # noqa: ANN001
+    parameters = algorithm["parameters"]
+    hash_name = parameters["hash_algorithm"]["algorithm"].native
+    if hash_name in _WEAK_HASHES:
+        raise SignatureError(
+            f"RSASSA-PSS signature uses the {hash_name.upper()} digest, which is too weak"
+        )
+    if hash_name not in _HASHES:
+        raise SignatureError(f"unsupported RSASSA-PSS hash {hash_name!r} in signature")
+    hash_class = _HASHES[hash_name][1]
+    mgf_hash = parameters["mask_gen_algorithm"]["parameters"]["algorithm"].native
+    if mgf_hash not in _HASHES:
+        raise SignatureError(
+            f"unsupported RSASSA-PSS MGF1 hash {mgf_hash!r} in signature"
+        )
+    pad = padding.PSS(
+        mgf=padding.MGF1(_HASHES[mgf_hash][1]()),
+        salt_length=parameters["salt_length"].native,
+    )
+    return pad, hash_class()
+
+
 def parse_embedded_certificates(signature: bytes) -> list[x509.Certificate]:
-    """Return the certificates carried in a CMS SignedData (signer first if found)."""
-    signed_data = _load_signed_data(signature)
-    certificates = _certificates(signed_data)
-    try:
-        signer = _find_signer(signed_data["signer_infos"][0], certificates)
-    except (SignatureError, IndexError):
-        return certificates
-    return [signer] + [cert for cert in certificates if cert != signer]
+    """Return the certificates carried in a CMS SignedData, signer first."""
+    parsed = parse_signature(signature)
+    return [parsed.signer, *parsed.carried_certificates]

@@ -7,16 +7,31 @@ import logging
 import os
 from pathlib import Path
 
+from relman.cas.audit import AuditFile
 from relman.cas.canonical import sha256_hex
-from relman.cas.cms import sign_detached, verify_detached
+from relman.cas.cli_options import (
+    add_audit_option,
+    add_trust_options,
+    policy_from,
+    timestamp_from,
+)
+from relman.cas.cms import DIGESTS, parse_signature, sign_detached
 from relman.cas.console import emit, format_bytes, progress_bar
 from relman.cas.errors import InputError
 from relman.cas.fsutil import atomic_write_bytes
-from relman.cas.generate import ReleaseInfo, build_manifest, parse_release_date
+from relman.cas.generate import (
+    ReleaseInfo,
+    build_manifest,
+    parse_release_date,
+    sign_files,
+)
 from relman.cas.manifest import parse_manifest_bytes
 from relman.cas.pki import init_pki, load_certificates
+from relman.cas.policy import TrustPolicy
 from relman.cas.publish import publish_release
 from relman.cas.repository import Repository
+from relman.cas.timestamp import request_timestamp, verify_timestamp
+from relman.cas.verify import verify_signature
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +51,6 @@ def read_file(path: str, what: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise InputError(f"cannot read {what} {path!r}: {error.strerror}") from error
-
-
-def load_trust(path: str | None) -> list | None:
-    return load_certificates(path) if path else None
 
 
 # pki init
@@ -145,6 +156,15 @@ def _register_generate(subcommands: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--threads", type=int, help="hashing threads (default: CPU count)"
     )
+    generate.add_argument(
+        "--sign-files",
+        action="store_true",
+        help="fill every file_signature with a detached CMS signature (needs --key and --cert)",
+    )
+    generate.add_argument("--key", help="signer private key for --sign-files")
+    generate.add_argument(
+        "--cert", help="signer certificate (and intermediates) for --sign-files"
+    )
     generate.add_argument("--json", action="store_true", help="print a summary as JSON")
     generate.set_defaults(handler=_run_generate)
 
@@ -181,6 +201,10 @@ def _run_generate(arguments: argparse.Namespace) -> int:
         manifest = build_manifest(
             release_dir, info, arguments.exclude, arguments.threads, bar.update
         )
+    if arguments.sign_files:
+        if not (arguments.key and arguments.cert):
+            raise InputError("--sign-files needs --key and --cert")
+        manifest = sign_files(manifest, arguments.key, arguments.cert)
     body = manifest.canonical()
     atomic_write_bytes(output, body)
     digest = sha256_hex(body)
@@ -216,11 +240,12 @@ def _reject_output_inside(output: Path, release_dir: Path) -> None:
 def _register_sign(subcommands: argparse._SubParsersAction) -> None:
     sign = subcommands.add_parser(
         "sign",
-        help="sign a manifest (detached CMS, DER)",
+        help="sign a manifest (detached CMS, DER), optionally with a timestamp",
         description=(
             "Write FILE.sig: a detached DER CMS SignedData over the manifest bytes, "
-            "SHA-256, with signed attributes and the signer certificate included. "
-            "Further certificates in CERT (intermediates) are included too."
+            "with signed attributes and the signer certificate included. Further "
+            "certificates in CERT (intermediates) are included too. With --tsa-url, "
+            "also write FILE.tsr: an RFC 3161 timestamp over the signature value."
         ),
     )
     sign.add_argument(
@@ -235,6 +260,25 @@ def _register_sign(subcommands: argparse._SubParsersAction) -> None:
     sign.add_argument(
         "--output", metavar="FILE", help="signature file (default: FILE.sig)"
     )
+    sign.add_argument(
+        "--digest",
+        choices=DIGESTS,
+        default="sha256",
+        help="digest algorithm (default: sha256)",
+    )
+    sign.add_argument(
+        "--rsa-pss", action="store_true", help="sign with RSASSA-PSS (RSA keys only)"
+    )
+    sign.add_argument(
+        "--tsa-url",
+        metavar="URL",
+        help="RFC 3161 timestamp authority to ask for a token",
+    )
+    sign.add_argument(
+        "--tsa-roots",
+        metavar="PEM",
+        help="verify the token's TSA chain against these roots before writing it",
+    )
     sign.add_argument("--json", action="store_true", help="print the result as JSON")
     sign.set_defaults(handler=_run_sign)
 
@@ -242,14 +286,27 @@ def _register_sign(subcommands: argparse._SubParsersAction) -> None:
 def _run_sign(arguments: argparse.Namespace) -> int:
     body = read_file(arguments.manifest, "manifest")
     parse_manifest_bytes(body)
-    signature = sign_detached(body, arguments.key, arguments.cert)
-    output = arguments.output or arguments.manifest + ".sig"
-    atomic_write_bytes(output, signature)
-    emit(
-        {"signature": output, "manifest_hash": sha256_hex(body)},
-        f"wrote {output}",
-        arguments.json,
+    signature = sign_detached(
+        body, arguments.key, arguments.cert, arguments.digest, arguments.rsa_pss
     )
+    output = arguments.output or arguments.manifest + ".sig"
+    result = {"signature": output, "manifest_hash": sha256_hex(body), "timestamp": None}
+    token = None
+    if arguments.tsa_url:
+        value = parse_signature(signature).signature_value
+        token = request_timestamp(value, arguments.tsa_url)
+        if arguments.tsa_roots:
+            policy = TrustPolicy(
+                roots=(), tsa_roots=tuple(load_certificates(arguments.tsa_roots))
+            )
+            stamp = verify_timestamp(token, value, policy)
+            result["timestamp_time"] = stamp.time.strftime("%Y-%m-%dT%H:%M:%SZ")
+        result["timestamp"] = output.removesuffix(".sig") + ".tsr"
+    atomic_write_bytes(output, signature)
+    if token is not None:
+        atomic_write_bytes(result["timestamp"], token)
+    text = f"wrote {output}" + (f" and {result['timestamp']}" if token else "")
+    emit(result, text, arguments.json)
     return 0
 
 
@@ -259,10 +316,11 @@ def _run_sign(arguments: argparse.Namespace) -> int:
 def _register_verify(subcommands: argparse._SubParsersAction) -> None:
     verify = subcommands.add_parser(
         "verify",
-        help="verify a manifest's signature and certificate chain",
+        help="verify a manifest's signature, timestamp and certificate chain",
         description=(
-            "Check the detached signature FILE.sig over FILE and the signer's chain "
-            "to the trusted roots. Exit code 3 on any verification failure."
+            "Check the detached signature FILE.sig over FILE, its timestamp (FILE.tsr "
+            "or a token inside the signature) and the signer's chain under the trust "
+            "policy. Exit code 3 on any verification failure."
         ),
     )
     verify.add_argument(
@@ -272,33 +330,44 @@ def _register_verify(subcommands: argparse._SubParsersAction) -> None:
         "--signature", metavar="FILE", help="signature file (default: FILE.sig)"
     )
     verify.add_argument(
-        "--trust",
-        required=True,
-        metavar="CA.pem",
-        help="trusted root certificates (PEM)",
+        "--timestamp",
+        metavar="FILE",
+        help="timestamp file (default: FILE.tsr if present)",
     )
+    add_trust_options(verify, required=True)
+    add_audit_option(verify)
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(handler=_run_verify)
 
 
 def _run_verify(arguments: argparse.Namespace) -> int:
     body = read_file(arguments.manifest, "manifest")
-    signature = read_file(
-        arguments.signature or arguments.manifest + ".sig", "signature"
+    signature_path = arguments.signature or arguments.manifest + ".sig"
+    signature = read_file(signature_path, "signature")
+    timestamp = timestamp_from(arguments.timestamp, signature_path)
+    policy = policy_from(arguments)
+    result = verify_signature(
+        body, signature, policy, timestamp, audit=AuditFile(arguments.audit_log)
     )
-    trust = load_certificates(arguments.trust)
-    signer = verify_detached(body, signature, trust)
     manifest = parse_manifest_bytes(body)
+    stamp = result.timestamp
     emit(
         {
             "verified": True,
             "version": manifest.version,
             "manifest_hash": sha256_hex(body),
-            "signer": signer.subject,
-            "signer_fingerprint": signer.fingerprint,
+            "signer": result.subject,
+            "signer_fingerprint": result.fingerprint,
+            "timestamp": stamp.time.strftime("%Y-%m-%dT%H:%M:%SZ") if stamp else None,
+            "notes": list(result.notes),
         },
-        f"verified: version {manifest.version} signed by {signer.subject} "
-        f"(sha256 fingerprint {signer.fingerprint})",
+        f"verified: version {manifest.version} signed by {result.subject} "
+        f"(sha256 fingerprint {result.fingerprint})"
+        + (
+            f", timestamped {stamp.time:%Y-%m-%d %H:%M:%S} UTC by {stamp.authority}"
+            if stamp
+            else ""
+        ),
         arguments.json,
     )
     return 0
@@ -331,31 +400,35 @@ def _register_publish(subcommands: argparse._SubParsersAction) -> None:
         "--signature", metavar="FILE", help="signature file (default: FILE.sig)"
     )
     publish.add_argument(
+        "--timestamp",
+        metavar="FILE",
+        help="timestamp file (default: FILE.tsr if present)",
+    )
+    publish.add_argument(
         "--release-dir",
         required=True,
         metavar="DIR",
         help="folder the manifest was generated from",
     )
-    publish.add_argument(
-        "--trust",
-        metavar="CA.pem",
-        default=os.environ.get("RELMAN_TRUST"),
-        help="trusted roots for the signer chain (default: $RELMAN_TRUST; "
-        "without either, only the signature itself is checked)",
-    )
+    add_trust_options(publish, required=False)
+    add_audit_option(publish)
     publish.add_argument("--json", action="store_true", help="print the result as JSON")
     publish.set_defaults(handler=_run_publish)
 
 
 def _run_publish(arguments: argparse.Namespace) -> int:
     body = read_file(arguments.manifest, "manifest")
-    signature = read_file(
-        arguments.signature or arguments.manifest + ".sig", "signature"
-    )
-    trust = load_trust(arguments.trust)
-    if trust is None:
+    signature_path = arguments.signature or arguments.manifest + ".sig"
+    signature = read_file(signature_path, "signature")
+    timestamp = timestamp_from(arguments.timestamp, signature_path)
+    if not (arguments.trust or arguments.trust_policy) and os.environ.get(
+        "RELMAN_TRUST"
+    ):
+        arguments.trust = os.environ["RELMAN_TRUST"]
+    policy = policy_from(arguments)
+    if policy is None:
         logger.warning(
-            "no --trust given: the signer's certificate chain is not checked"
+            "no --trust or --trust-policy given: the signer's certificate chain is not checked"
         )
     manifest = parse_manifest_bytes(body)
     with progress_bar(manifest.total_size, f"publishing {manifest.version}") as bar:
@@ -364,8 +437,10 @@ def _run_publish(arguments: argparse.Namespace) -> int:
             body,
             signature,
             arguments.release_dir,
-            trust,
+            policy,
+            timestamp,
             progress=bar.update,
+            audit=AuditFile(arguments.audit_log),
         )
     state = "published" if result.created else "already published, nothing changed"
     emit(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from relman.cas.cms import load_signer, sign_digest
 from relman.cas.errors import InputError
 from relman.cas.manifest import Manifest
 from relman.cas.scan import scan_release
@@ -61,6 +63,29 @@ def build_manifest(
     )
     manifest.check_tree()
     return manifest
+
+
+def sign_files(
+    manifest: Manifest, key_path: str | Path, cert_path: str | Path
+) -> Manifest:
+    """Return ``manifest`` with a detached CMS signature (base64 DER) in every file_signature.
+
+    Each signature covers the file's bytes through the SHA-256 the manifest
+    records, so no file is read again.
+    """
+    key, certificates = load_signer(key_path, cert_path)
+    signed = [
+        replace(
+            entry,
+            file_signature=base64.b64encode(
+                sign_digest(
+                    bytes.fromhex(entry.sha256_hash), "sha256", key, certificates
+                )
+            ).decode("ascii"),
+        )
+        for entry in manifest.files
+    ]
+    return replace(manifest, files=tuple(signed))
 
 
 def parse_release_date(text: str) -> str:

@@ -91,10 +91,14 @@ class RepositoryIndex:
                 "signer_fingerprint": str,
                 "reason": str,
                 "checked_at": str,
+                "valid_until": str,
             },
             pk=("manifest_hash", "signature_hash", "policy_hash"),
             if_not_exists=True,
         )
+        cache = self.db["signature_cache"]
+        if "valid_until" not in cache.columns_dict:
+            cache.add_column("valid_until", str)
         self.db["download_cache"].create(
             {"version": str, "path": str, "local_path": str, "fetched_at": str},
             pk=("version", "path"),
@@ -167,6 +171,53 @@ class RepositoryIndex:
             )
         )
         return json.loads(rows[0]["entry"]) if rows else None
+
+    def cached_verification(
+        self, manifest_hash: str, signature_hash: str, policy_hash: str
+    ) -> dict[str, Any] | None:
+        """Return a cached verification result that is still within its validity."""
+        rows = list(
+            self.db.query(
+                "select * from signature_cache where manifest_hash = ? and "
+                "signature_hash = ? and policy_hash = ?",
+                [manifest_hash, signature_hash, policy_hash],
+            )
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        if row["valid_until"] and row["valid_until"] <= utc_now():
+            return None
+        row["verified"] = bool(row["verified"])
+        return row
+
+    def cache_verification(
+        self,
+        manifest_hash: str,
+        signature_hash: str,
+        policy_hash: str,
+        verified: bool,
+        subject: str,
+        fingerprint: str,
+        reason: str,
+        valid_until: str | None,
+    ) -> None:
+        """Remember a verification result until ``valid_until`` (None: no limit)."""
+        with self.db.conn:
+            self.db["signature_cache"].upsert(
+                {
+                    "manifest_hash": manifest_hash,
+                    "signature_hash": signature_hash,
+                    "policy_hash": policy_hash,
+                    "verified": int(verified),
+                    "signer_subject": subject,
+                    "signer_fingerprint": fingerprint,
+                    "reason": reason,
+                    "checked_at": utc_now(),
+                    "valid_until": valid_until,
+                },
+                pk=("manifest_hash", "signature_hash", "policy_hash"),
+            )
 
     def clear(self) -> None:
         with self.db.conn:

@@ -7,11 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
-from relman.cas.cms import SignerInfo, verify_detached
 from relman.cas.manifest import manifest_hash, parse_manifest_bytes
+from relman.cas.policy import TrustPolicy
 from relman.cas.repository import Repository
+from relman.cas.verify import (
+    AuditCallback,
+    SignatureCache,
+    Verification,
+    check_signature_only,
+    verify_signature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +27,7 @@ class PublishResult:
 
     version: str
     manifest_hash: str
-    signer: SignerInfo
+    signer: Verification
     created: bool
     bytes_copied: int
 
@@ -32,9 +37,10 @@ def publish_release(
     body: bytes,
     signature: bytes,
     release_dir: str | Path,
-    trust_roots: list[x509.Certificate] | None,
+    policy: TrustPolicy | None,
     timestamp: bytes | None = None,
     progress: Callable[[int], None] | None = None,
+    audit: AuditCallback | None = None,
 ) -> PublishResult:
     """Verify, copy blobs, then store the manifest; all under the repository lock.
 
@@ -48,7 +54,12 @@ def publish_release(
         IntegrityError: a file no longer matches the manifest.
     """
     manifest = parse_manifest_bytes(body)
-    signer = verify_detached(body, signature, trust_roots)
+    if policy is None:
+        signer = check_signature_only(body, signature, audit)
+    else:
+        signer = _verify_with_cache(
+            repository_root, body, signature, policy, timestamp, audit
+        )
     repository = Repository.create(repository_root)
     with repository.lock():
         if repository.has_release(manifest.version):
@@ -68,3 +79,21 @@ def publish_release(
         signer.subject,
     )
     return PublishResult(manifest.version, manifest_hash(body), signer, created, copied)
+
+
+def _verify_with_cache(
+    repository_root: str | Path,
+    body: bytes,
+    signature: bytes,
+    policy: TrustPolicy,
+    timestamp: bytes | None,
+    audit: AuditCallback | None,
+) -> Verification:
+    """Verify under ``policy``, using the repository's signature cache if it exists."""
+    repository = Repository(repository_root)
+    if not (repository.root / "config.json").is_file():
+        return verify_signature(body, signature, policy, timestamp, audit=audit)
+    with repository.index() as index:
+        return verify_signature(
+            body, signature, policy, timestamp, SignatureCache(index), audit
+        )

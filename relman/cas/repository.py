@@ -29,7 +29,13 @@ from typing import Any
 from relman.cas.blobstore import BlobStore
 from relman.cas.canonical import canonical_bytes, load_json_bytes, sha256_hex
 from relman.cas.cms import parse_embedded_certificates
-from relman.cas.errors import ConflictError, InputError, IntegrityError, ManifestError
+from relman.cas.errors import (
+    ConflictError,
+    InputError,
+    IntegrityError,
+    ManifestError,
+    SignatureError,
+)
 from relman.cas.fsutil import atomic_write_bytes, fsync_dir
 from relman.cas.index import INDEX_NAME, RepositoryIndex, utc_now
 from relman.cas.manifest import Manifest, ReleaseFile, parse_manifest_bytes
@@ -181,7 +187,10 @@ class Repository:
     def envelope(self, version: str) -> dict[str, Any]:
         """Return the API envelope: the signed body plus hash, signature, certificate, token."""
         release = self.load_release(version)
-        certificates = parse_embedded_certificates(release.signature)
+        try:
+            certificates = parse_embedded_certificates(release.signature)
+        except SignatureError:
+            certificates = []
         envelope = release.manifest.to_dict()
         envelope["manifest_hash"] = release.manifest_hash
         envelope["signature"] = base64.b64encode(release.signature).decode("ascii")

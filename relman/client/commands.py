@@ -7,8 +7,8 @@ from pathlib import Path
 
 import uvloop
 
+from relman.cas.cli_options import add_trust_options, policy_from
 from relman.cas.console import emit, format_bytes, progress_bar
-from relman.cas.pki import load_certificates
 from relman.client.deploy import apply_release, rollback_release
 from relman.client.node import Node
 from relman.client.pull import DEFAULT_CONCURRENCY, pull_release
@@ -47,12 +47,7 @@ def _register_pull(subcommands: argparse._SubParsersAction) -> None:
         help="mirror base URL, such as http://127.0.0.1:8080",
     )
     _add_root(pull)
-    pull.add_argument(
-        "--trust",
-        required=True,
-        metavar="CA.pem",
-        help="trusted root certificates (PEM)",
-    )
+    add_trust_options(pull, required=True)
     pull.add_argument("--version", help="version to pull (default: the latest)")
     pull.add_argument(
         "--concurrency",
@@ -66,12 +61,11 @@ def _register_pull(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_pull(arguments: argparse.Namespace) -> int:
-    trust = load_certificates(arguments.trust)
     result = uvloop.run(
         pull_release(
             arguments.mirror,
             arguments.root,
-            trust,
+            policy_from(arguments),
             arguments.version,
             arguments.concurrency,
             progress_factory=lambda total, label: progress_bar(total, label),
@@ -111,12 +105,8 @@ def _register_apply(subcommands: argparse._SubParsersAction) -> None:
     apply.add_argument(
         "--version", required=True, help="version to deploy (must be pulled)"
     )
-    apply.add_argument(
-        "--trust",
-        metavar="CA.pem",
-        help="verify the stored manifest against these roots now, instead of relying "
-        "on the verification recorded by pull",
-    )
+    # Without either option, apply relies on the verification recorded by pull.
+    add_trust_options(apply, required=False)
     apply.add_argument(
         "--allow-downgrade",
         action="store_true",
@@ -127,9 +117,11 @@ def _register_apply(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_apply(arguments: argparse.Namespace) -> int:
-    trust = load_certificates(arguments.trust) if arguments.trust else None
     result = apply_release(
-        arguments.root, arguments.version, trust, arguments.allow_downgrade
+        arguments.root,
+        arguments.version,
+        policy_from(arguments),
+        arguments.allow_downgrade,
     )
     _emit_deploy(result, "applied", arguments.json)
     return 0

@@ -22,14 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
 from relman.cas.blobstore import BLOB_MODE, BlobStore
-from relman.cas.cms import verify_detached
+from relman.cas.cms import parse_signature
 from relman.cas.errors import InputError, IntegrityError, RelmanError
+from relman.cas.filesigs import verify_file_signatures
 from relman.cas.fsutil import fsync_dir
 from relman.cas.hashing import sha256_file
 from relman.cas.manifest import Manifest, ReleaseFile, check_symlinks
+from relman.cas.policy import TrustPolicy
+from relman.cas.repository import StoredRelease
+from relman.cas.verify import verify_signature
 from relman.cas.versions import Version, validate_version
 from relman.client.node import STAGING_MARK, Node, remove_tree
 
@@ -56,13 +58,15 @@ def deployed_mode(entry: ReleaseFile) -> int:
 def apply_release(
     root: str | Path,
     version: str,
-    trust_roots: list[x509.Certificate] | None = None,
+    policy: TrustPolicy | None = None,
     allow_downgrade: bool = False,
 ) -> DeployResult:
     """Deploy ``version`` from the node's store and make it current.
 
     The manifest must have been verified by ``relman pull`` (recorded in
-    state.sqlite with its hash), or verify here against ``trust_roots``.
+    state.sqlite with its hash), or verify here under ``policy``. File
+    signatures, where the manifest has them, are verified before anything
+    is built.
 
     Raises:
         InputError: the version was not pulled, or it is lower than the
@@ -76,12 +80,15 @@ def apply_release(
     node = Node.open(root)
     with node.lock(), node.state() as state:
         try:
-            manifest, manifest_hash = _load_verified(node, version, trust_roots, state)
+            release = _load_verified(node, version, policy, state)
+            manifest, manifest_hash = release.manifest, release.manifest_hash
             current = node.link_version(node.current)
             _check_upgrade_path(manifest, current, allow_downgrade)
             blobs = node.store.blobs
             _check_symlinks(manifest, blobs)
             _verify_blobs(manifest, blobs)
+            signer = parse_signature(release.signature).signer
+            verify_file_signatures(manifest, signer, policy)
             reused = _ensure_tree(node, manifest, blobs)
             if current == version:
                 previous = node.link_version(node.previous)
@@ -171,8 +178,8 @@ def _rollback_target(node: Node, state, rollback_id: str | None) -> str:  # noqa
 
 
 def _load_verified(
-    node: Node, version: str, trust_roots, state
-) -> tuple[Manifest, str]:  # noqa: ANN001
+    node: Node, version: str, policy: TrustPolicy | None, state
+) -> StoredRelease:  # noqa: ANN001
     try:
         release = node.store.load_release(version)
     except KeyError as error:
@@ -180,14 +187,20 @@ def _load_verified(
             f"version {version} is not in {str(node.root / 'store')!r}; run "
             f"`relman pull --version {version}` first"
         ) from error
-    if trust_roots is not None:
-        verify_detached(release.body, release.signature, trust_roots)
+    if policy is not None:
+        verify_signature(
+            release.body,
+            release.signature,
+            policy,
+            release.timestamp,
+            audit=state.security_audit,
+        )
     elif state.verified_hash(version) != release.manifest_hash:
         raise InputError(
             f"the manifest of {version} in the store was not verified by `relman pull` "
             "on this node; pull it again, or pass --trust CA.pem to verify it now"
         )
-    return release.manifest, release.manifest_hash
+    return release
 
 
 def _check_upgrade_path(

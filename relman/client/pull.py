@@ -22,12 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from cryptography import x509
 
 from relman.cas.canonical import canonical_bytes, sha256_hex
-from relman.cas.cms import SignerInfo, verify_detached
 from relman.cas.errors import IntegrityError, ManifestError, SignatureError
 from relman.cas.manifest import ENVELOPE_KEYS, Manifest, parse_manifest_bytes
+from relman.cas.policy import TrustPolicy
+from relman.cas.verify import (
+    AuditCallback,
+    SignatureCache,
+    Verification,
+    verify_signature,
+)
 from relman.client.fetch import BlobFetcher, DownloadStats, get_json, manifest_path
 from relman.client.node import Node
 
@@ -45,7 +50,7 @@ class VerifiedEnvelope:
     body: bytes
     signature: bytes
     timestamp: bytes | None
-    signer: SignerInfo
+    signer: Verification
 
     @property
     def manifest_hash(self) -> str:
@@ -65,7 +70,10 @@ class PullResult:
 
 
 def verify_envelope(
-    envelope: object, trust_roots: list[x509.Certificate]
+    envelope: object,
+    policy: TrustPolicy,
+    cache: SignatureCache | None = None,
+    audit: AuditCallback | None = None,
 ) -> VerifiedEnvelope:
     """Rebuild the signed bytes from an API envelope and verify them (steps 1 to 3).
 
@@ -96,19 +104,39 @@ def verify_envelope(
         raise SignatureError("the envelope's signature is not valid base64") from error
     if not signature:
         raise SignatureError("the envelope carries no signature")
-    signer = verify_detached(body, signature, trust_roots)
+    timestamp = _decode_timestamp(envelope.get("timestamp_token"))
+    signer = verify_signature(body, signature, policy, timestamp, cache, audit)
 
     # 3. The signed manifest is well formed.
     manifest = parse_manifest_bytes(body)
-    token = envelope.get("timestamp_token")
-    timestamp = base64.b64decode(token) if isinstance(token, str) and token else None
     return VerifiedEnvelope(manifest, body, signature, timestamp, signer)
+
+
+def _decode_timestamp(token: object) -> bytes | None:
+    if token is None or token == "":
+        return None
+    try:
+        return base64.b64decode(token, validate=True)
+    except (binascii.Error, TypeError) as error:
+        raise SignatureError(
+            "the envelope's timestamp_token is not valid base64"
+        ) from error
+
+
+def _verify_on_node(
+    node: Node, envelope: object, policy: TrustPolicy
+) -> VerifiedEnvelope:
+    """Verify an envelope with the node's signature cache and security audit log."""
+    with node.store.index() as index, node.state() as state:
+        return verify_envelope(
+            envelope, policy, SignatureCache(index), state.security_audit
+        )
 
 
 async def pull_release(
     mirror: str,
     root: str | Path,
-    trust_roots: list[x509.Certificate],
+    policy: TrustPolicy,
     version: str | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     progress_factory: Callable[[int, str], object] | None = None,
@@ -126,7 +154,7 @@ async def pull_release(
     ) as session:
         envelope = await get_json(session, mirror, manifest_path(version))
         try:
-            verified = await asyncio.to_thread(verify_envelope, envelope, trust_roots)
+            verified = await asyncio.to_thread(_verify_on_node, node, envelope, policy)
         except Exception as error:
             _audit(node, "pull", version, "rejected", mirror=mirror, reason=str(error))
             raise

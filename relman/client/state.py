@@ -56,6 +56,22 @@ class NodeState:
             pk="rollback_id",
             if_not_exists=True,
         )
+        self.db["security_audit"].create(
+            {
+                "id": int,
+                "at": str,
+                "object": str,
+                "content_sha256": str,
+                "outcome": str,
+                "reason": str,
+                "signer": str,
+                "signer_fingerprint": str,
+                "timestamp": str,
+                "notes": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
         self.db["audit_log"].create(
             {
                 "id": int,
@@ -146,3 +162,10 @@ class NodeState:
                     "detail": json.dumps(detail, sort_keys=True, default=str),
                 }
             )
+
+    def security_audit(self, record: dict[str, Any]) -> None:
+        """Append one signature verification result, success or failure."""
+        row = dict(record)
+        row["notes"] = json.dumps(row.get("notes", []))
+        with self.db.conn:
+            self.db["security_audit"].insert(row)

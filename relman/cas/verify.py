@@ -1,0 +1,312 @@
+"""Signature verification under a trust policy, with a result cache and an audit trail.
+
+``verify_signature`` runs the whole checklist over signed bytes:
+
+1-4. the CMS structure, digest, signed attributes and signature value
+     (relman.cas.cms);
+5. the pinned signers, when the policy names any;
+6. the timestamp, when one is present, over the signature value, whose time
+   becomes the moment of the chain check; a policy may require one;
+7. revocation data: CRLs from files and URLs, OCSP when asked for;
+8. the signer's chain to a trusted root at that moment, with the codeSigning
+   usage (relman.cas.chain).
+
+Every result, success or failure, is passed to the ``audit`` callback with
+the signer's fingerprint and the reason. Results are cached by (hash of the
+signed bytes, hash of signature and timestamp, hash of policy and CRLs);
+with OCSP on, the cache is not used, because a responder's answer may
+change at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+
+from relman.cas.chain import CODE_SIGNING, subject_of, validate_chain
+from relman.cas.cms import ParsedSignature, check_content, parse_signature
+from relman.cas.errors import SignatureError
+from relman.cas.policy import TrustPolicy, certificate_fingerprint
+from relman.cas.revocation import gather_crls
+from relman.cas.timestamp import VerifiedTimestamp, embedded_tokens, verify_timestamp
+
+logger = logging.getLogger(__name__)
+
+AuditCallback = Callable[[dict[str, Any]], None]
+RETRY_FAILURES_AFTER = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A signature that passed every check of the policy."""
+
+    signer: x509.Certificate
+    subject: str
+    fingerprint: str
+    timestamp: VerifiedTimestamp | None = None
+    notes: tuple[str, ...] = ()
+    cached: bool = False
+
+    @property
+    def certificate_pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.signer.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+class SignatureCache:
+    """Verification results kept in a repository index's ``signature_cache`` table."""
+
+    def __init__(self, index) -> None:  # noqa: ANN001 - a RepositoryIndex
+        self.index = index
+
+    def get(self, key: tuple[str, str, str]) -> dict[str, Any] | None:
+        return self.index.cached_verification(*key)
+
+    def put(
+        self,
+        key: tuple[str, str, str],
+        verified: bool,
+        subject: str,
+        fingerprint: str,
+        reason: str,
+        valid_until: datetime | None,
+    ) -> None:
+        until = valid_until.strftime("%Y-%m-%dT%H:%M:%SZ") if valid_until else None
+        self.index.cache_verification(
+            *key, verified, subject, fingerprint, reason, until
+        )
+
+
+@dataclass
+class _Attempt:
+    """What one verification found so far, for the audit record."""
+
+    what: str
+    content_hash: str
+    signer: x509.Certificate | None = None
+    timestamp: VerifiedTimestamp | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def verify_signature(
+    data: bytes,
+    signature: bytes,
+    policy: TrustPolicy,
+    timestamp: bytes | None = None,
+    cache: SignatureCache | None = None,
+    audit: AuditCallback | None = None,
+    what: str = "manifest",
+) -> Verification:
+    """Verify a detached CMS signature over ``data`` under ``policy``.
+
+    Args:
+        data: the signed bytes.
+        signature: the DER or BER CMS SignedData.
+        policy: roots, revocation, timestamp and pinning settings.
+        timestamp: a TimeStampResp or TimeStampToken over the signature value
+            (``manifest.json.tsr``); a token inside the signature counts too.
+        cache: where results are remembered, or None.
+        audit: called once with the outcome, success or failure.
+        what: the name of the signed object in messages, such as "manifest".
+
+    Raises:
+        SignatureError: a check failed; the message names it.
+    """
+    attempt = _Attempt(what, hashlib.sha256(data).hexdigest())
+    try:
+        result = _verify(data, signature, policy, timestamp, cache, attempt)
+    except SignatureError as error:
+        _record(audit, attempt, "rejected", str(error))
+        raise
+    _record(
+        audit,
+        attempt,
+        "verified",
+        "cached result" if result.cached else "all checks passed",
+    )
+    return result
+
+
+def check_signature_only(
+    data: bytes, signature: bytes, audit: AuditCallback | None = None
+) -> Verification:
+    """Run steps 1 to 4 only: the signature is intact, its signer is not authenticated.
+
+    For publishing without a trust policy; a node always verifies the chain.
+    """
+    attempt = _Attempt("manifest", hashlib.sha256(data).hexdigest())
+    attempt.notes.append("certificate chain not checked: no trust policy given")
+    try:
+        parsed = parse_signature(signature)
+        attempt.signer = parsed.signer
+        check_content(parsed, data, attempt.what)
+    except SignatureError as error:
+        _record(audit, attempt, "rejected", str(error))
+        raise
+    _record(audit, attempt, "verified", "signature intact, chain not checked")
+    signer = parsed.signer
+    return Verification(
+        signer,
+        subject_of(signer),
+        certificate_fingerprint(signer),
+        None,
+        tuple(attempt.notes),
+    )
+
+
+def _verify(
+    data: bytes,
+    signature: bytes,
+    policy: TrustPolicy,
+    timestamp: bytes | None,
+    cache: SignatureCache | None,
+    attempt: _Attempt,
+) -> Verification:
+    # 1-4. CMS structure, digest, signed attributes, signature value.
+    parsed = parse_signature(signature)
+    attempt.signer = parsed.signer
+    check_content(parsed, data, attempt.what)
+    subject = subject_of(parsed.signer)
+    fingerprint = certificate_fingerprint(parsed.signer)
+
+    # 5. Pinned signers.
+    _check_pins(parsed.signer, policy)
+
+    # 6. Timestamp: its time is the moment of the chain check.
+    attempt.timestamp = _verify_timestamps(parsed, policy, timestamp, attempt.notes)
+    moment = attempt.timestamp.time if attempt.timestamp else datetime.now(UTC)
+
+    # 7. Revocation data, and the cache, whose key covers the CRLs.
+    revocation = gather_crls(policy) if policy.checks_revocation else None
+    key = _cache_key(attempt.content_hash, signature, timestamp, policy, revocation)
+    use_cache = cache is not None and not policy.ocsp
+    if use_cache:
+        hit = cache.get(key)
+        if hit is not None:
+            if not hit["verified"]:
+                raise SignatureError(hit["reason"])
+            return Verification(
+                parsed.signer, subject, fingerprint, attempt.timestamp, (), cached=True
+            )
+
+    # 8. The chain, at the moment chosen in step 6.
+    try:
+        chain = validate_chain(
+            parsed.signer,
+            parsed.carried_certificates,
+            policy.roots,
+            CODE_SIGNING,
+            moment,
+            policy,
+            revocation,
+        )
+    except SignatureError as error:
+        if use_cache:
+            # A failure at the current time may pass later (a certificate not yet
+            # valid), so it is kept for an hour at most.
+            retry_at = (
+                None if attempt.timestamp else datetime.now(UTC) + RETRY_FAILURES_AFTER
+            )
+            cache.put(key, False, subject, fingerprint, str(error), retry_at)
+        raise
+    attempt.notes.extend(chain.revocation_notes)
+    if use_cache:
+        # Without a timestamp the chain was checked at the current time, so the
+        # result holds only until the first certificate of the path expires.
+        expires = (
+            None
+            if attempt.timestamp
+            else min(cert.not_valid_after_utc for cert in chain.certificates)
+        )
+        cache.put(key, True, subject, fingerprint, "", expires)
+    return Verification(
+        parsed.signer, subject, fingerprint, attempt.timestamp, tuple(attempt.notes)
+    )
+
+
+def _check_pins(signer: x509.Certificate, policy: TrustPolicy) -> None:
+    if not (policy.pinned_fingerprints or policy.pinned_subjects):
+        return
+    subject = subject_of(signer)
+    if (
+        certificate_fingerprint(signer) in policy.pinned_fingerprints
+        or subject in policy.pinned_subjects
+    ):
+        return
+    raise SignatureError(
+        f"signer {subject} (sha256 fingerprint {certificate_fingerprint(signer)}) is not one of "
+        "the pinned signers of the trust policy"
+    )
+
+
+def _verify_timestamps(
+    parsed: ParsedSignature,
+    policy: TrustPolicy,
+    timestamp: bytes | None,
+    notes: list[str],
+) -> VerifiedTimestamp | None:
+    candidates = ([timestamp] if timestamp else []) + embedded_tokens(
+        parsed.signer_info
+    )
+    if not candidates:
+        if policy.require_timestamp:
+            raise SignatureError(
+                "the trust policy requires a timestamp, and the signature has none"
+            )
+        return None
+    if not policy.tsa_roots:
+        if policy.require_timestamp:
+            raise SignatureError(
+                "the trust policy requires a timestamp but names no tsa_roots to verify it"
+            )
+        notes.append("timestamp ignored: the trust policy names no tsa_roots")
+        logger.warning("%s", notes[-1])
+        return None
+    return verify_timestamp(candidates[0], parsed.signature_value, policy)
+
+
+def _cache_key(
+    content_hash: str,
+    signature: bytes,
+    timestamp: bytes | None,
+    policy: TrustPolicy,
+    revocation,
+) -> tuple[str, str, str]:  # noqa: ANN001
+    signature_hash = hashlib.sha256(
+        signature + b"\x00" + (timestamp or b"")
+    ).hexdigest()
+    crl_digest = revocation.crl_digest() if revocation else ""
+    policy_hash = hashlib.sha256(f"{policy.digest()}:{crl_digest}".encode()).hexdigest()
+    return content_hash, signature_hash, policy_hash
+
+
+def _record(
+    audit: AuditCallback | None, attempt: _Attempt, outcome: str, reason: str
+) -> None:
+    signer = attempt.signer
+    record = {
+        "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "object": attempt.what,
+        "content_sha256": attempt.content_hash,
+        "outcome": outcome,
+        "reason": reason,
+        "signer": subject_of(signer) if signer else None,
+        "signer_fingerprint": certificate_fingerprint(signer) if signer else None,
+        "timestamp": attempt.timestamp.time.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if attempt.timestamp
+        else None,
+        "notes": list(attempt.notes),
+    }
+    # INFO for both outcomes: a rejection reaches the user as the command's error.
+    logger.info(
+        "%s %s %s: %s", attempt.what, attempt.content_hash[:16], outcome, reason
+    )
+    if audit is not None:
+        audit(record)
