@@ -1,3 +1,3 @@
-from relman.cli import main
+from relman.entry import run
 
-raise SystemExit(main())
+run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from relman import __version__, demo
@@ -26,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Publish signed software releases and hot-reload them on the "
             "machines that run them."
         ),
-        epilog="Exit codes: 0 success, 1 error, 2 invalid usage, 3 verification failure.",
+        epilog=(
+            "Exit codes: 0 success, 1 error, 2 invalid usage, 3 verification "
+            "failure, 130 interrupted."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"relman {__version__}")
     parser.add_argument(
@@ -78,6 +82,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relman {arguments.command}: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print(f"relman {arguments.command}: interrupted", file=sys.stderr)
+        print(
+            f"relman {arguments.command}: interrupted{_INTERRUPT_HINTS.get(arguments.command, '')}",
+            file=sys.stderr,
+        )
         return 130
+    except OSError as error:
+        # A file-system failure that no check above foresaw: report it as a
+        # one-line error rather than a traceback; -vv logs the traceback.
+        logger.debug("unexpected OS error", exc_info=True)
+        print(
+            f"relman {arguments.command}: {_describe_os_error(error)}", file=sys.stderr
+        )
+        return 1
     return int(result or 0)
+
+
+_INTERRUPT_HINTS = {
+    "pull": "; partial downloads were kept, and the next pull resumes them"
+}
+
+
+def _describe_os_error(error: OSError) -> str:
+    names = " -> ".join(
+        repr(str(name)) for name in (error.filename, error.filename2) if name
+    )
+    reason = error.strerror or str(error)
+    return f"{reason}: {names}" if names else reason
+
+
+def run() -> None:
+    """Console entry point: exit with main's code, and quietly on a closed stdout."""
+    # Die quietly like other Unix tools when the reader of stdout goes away,
+    # as in `relman status | head -1`.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -76,6 +76,8 @@ def run_demo(arguments: argparse.Namespace) -> int:
     source, excludes = _choose_source(arguments.source)
     if arguments.workdir:
         workdir = Path(arguments.workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise InputError(f"--workdir {str(workdir)!r} is not a folder")
         workdir.mkdir(parents=True, exist_ok=True)
         if any(workdir.iterdir()):
             raise InputError(

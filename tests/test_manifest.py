@@ -51,6 +51,8 @@ def body(*files: dict, **changes) -> dict:
         "a\\b",
         "a\x00b",
         "a\nb",
+        "a" * 256,
+        "b/" + "ü" * 128,
     ],
 )
 def test_unsafe_path_rejected(path: str) -> None:
@@ -109,7 +111,13 @@ def test_parse_rejects_non_canonical_bytes() -> None:
         ({"a/x": "../../y"}, "leaves the release tree"),
         ({"x": "/etc/passwd"}, "absolute"),
         ({"x": ""}, "empty"),
-        ({"d": ".", "x": "d/../y"}, "'..' follows a symlink"),
+        ({"d": ".", "x": "d/../y"}, "leaves the release tree"),
+        (
+            {"a/b/c/up": "../../..", "s1": "a/b/c", "t1": "s1/up/.."},
+            "leaves the release tree",
+        ),
+        ({"x": "x"}, "expands more than 40 symlinks"),
+        ({"x": "a" * 5000}, "longer than 4095 bytes"),
         ({"a/b": "../c\n"}, "control characters"),
     ],
 )

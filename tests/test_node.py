@@ -269,7 +269,7 @@ def test_apply_requires_pulled_version(tmp_path: Path, published: dict, mirror) 
     pull(mirror.url, root, published["pki"] / "ca.pem", "1.0.0")
     result = apply(root, "1.1.0", False)
     assert result.returncode == 1
-    assert "relman pull --version 1.1.0" in result.stderr
+    assert "--version 1.1.0` first" in result.stderr
     assert not (root / "releases" / "1.1.0").exists()
 
 
@@ -496,7 +496,7 @@ def test_apply_rejects_unsafe_manifest_path(
         )
         before = tree_snapshot(root / "releases"), os.readlink(root / "current")
         result = apply(root, version, False, "--trust", str(ca))
-        assert result.returncode == 1
+        assert result.returncode == 3
         assert f"unsafe path {path!r}" in result.stderr
         assert (
             tree_snapshot(root / "releases"),

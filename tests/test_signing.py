@@ -250,6 +250,6 @@ def test_sign_rejects_non_manifest(pki: Path, tmp_path: Path) -> None:
         pki / "signer.pem",
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert "unknown keys" in result.stderr
     assert not Path(f"{other}.sig").exists()

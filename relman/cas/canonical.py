@@ -26,5 +26,5 @@ def load_json_bytes(data: bytes, what: str) -> Any:
     """Parse UTF-8 JSON, raising ValueError that names ``what`` on failure."""
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"{what} is not valid UTF-8 JSON: {error}") from error

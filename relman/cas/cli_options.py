@@ -48,3 +48,16 @@ def timestamp_from(explicit: str | None, signature_path: str) -> bytes | None:
             ) from error
     beside = signature_path.removesuffix(".sig") + ".tsr"
     return Path(beside).read_bytes() if os.path.isfile(beside) else None
+
+
+def positive_int(text: str) -> int:
+    """Parse an argparse value that must be a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected a whole number of 1 or more"
+        )
+    return value

@@ -13,11 +13,12 @@ from relman.cas.cli_options import (
     add_audit_option,
     add_trust_options,
     policy_from,
+    positive_int,
     timestamp_from,
 )
 from relman.cas.cms import DIGESTS, parse_signature, sign_detached
 from relman.cas.console import emit, format_bytes, progress_bar
-from relman.cas.errors import InputError
+from relman.cas.errors import InputError, ManifestError
 from relman.cas.fsutil import atomic_write_bytes
 from relman.cas.generate import (
     ReleaseInfo,
@@ -25,7 +26,7 @@ from relman.cas.generate import (
     parse_release_date,
     sign_files,
 )
-from relman.cas.manifest import parse_manifest_bytes
+from relman.cas.manifest import Manifest, parse_manifest_bytes
 from relman.cas.pki import init_pki, load_certificates
 from relman.cas.policy import TrustPolicy
 from relman.cas.publish import publish_release
@@ -43,6 +44,15 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     _register_verify(subcommands)
     _register_publish(subcommands)
     _register_reindex(subcommands)
+
+
+def read_manifest(path: str) -> tuple[bytes, Manifest]:
+    """Read and parse a manifest file; errors name the file."""
+    body = read_file(path, "manifest")
+    try:
+        return body, parse_manifest_bytes(body)
+    except ManifestError as error:
+        raise ManifestError(f"{path}: {error}") from error
 
 
 def read_file(path: str, what: str) -> bytes:
@@ -124,7 +134,8 @@ def _register_generate(subcommands: argparse._SubParsersAction) -> None:
     )
     generate.add_argument(
         "--release-date",
-        help="ISO 8601 date-time (default: SOURCE_DATE_EPOCH, else the newest file time)",
+        help="ISO 8601 date-time, UTC when it has no offset (default: "
+        "SOURCE_DATE_EPOCH, else the newest file time)",
     )
     generate.add_argument(
         "--critical", action="store_true", help="mark as a critical update"
@@ -154,7 +165,7 @@ def _register_generate(subcommands: argparse._SubParsersAction) -> None:
         help="skip paths or names matching GLOB, such as __pycache__ (repeatable)",
     )
     generate.add_argument(
-        "--threads", type=int, help="hashing threads (default: CPU count)"
+        "--threads", type=positive_int, help="hashing threads (default: CPU count)"
     )
     generate.add_argument(
         "--sign-files",
@@ -172,7 +183,8 @@ def _register_generate(subcommands: argparse._SubParsersAction) -> None:
 def _run_generate(arguments: argparse.Namespace) -> int:
     release_dir = Path(arguments.release_dir)
     output = Path(arguments.output)
-    _reject_output_inside(output, release_dir)
+    _reject_inside(output, release_dir, "output")
+    _check_output_file(output)
     notes = arguments.release_notes
     if arguments.release_notes_file:
         notes = read_file(arguments.release_notes_file, "release notes").decode("utf-8")
@@ -223,15 +235,26 @@ def _run_generate(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _reject_output_inside(output: Path, release_dir: Path) -> None:
+def _reject_inside(path: Path, release_dir: Path, what: str) -> None:
+    """Raise InputError if ``path`` is ``release_dir`` or lies inside it."""
     try:
-        output.resolve().relative_to(release_dir.resolve())
+        path.resolve().relative_to(release_dir.resolve())
     except ValueError:
         return
     raise InputError(
-        f"output {str(output)!r} lies inside the release folder {str(release_dir)!r}; "
-        "write the manifest elsewhere so it does not become part of the release"
+        f"{what} {str(path)!r} lies inside the release folder {str(release_dir)!r}; "
+        "choose a path outside it, so it does not become part of the release"
     )
+
+
+def _check_output_file(output: Path) -> None:
+    """Raise InputError unless ``output`` can be written as a file."""
+    if output.is_dir():
+        raise InputError(f"output {str(output)!r} is a folder; name a file")
+    if not output.parent.is_dir():
+        raise InputError(
+            f"folder {str(output.parent)!r} of output {str(output)!r} does not exist; create it first"
+        )
 
 
 # sign
@@ -284,12 +307,12 @@ def _register_sign(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_sign(arguments: argparse.Namespace) -> int:
-    body = read_file(arguments.manifest, "manifest")
-    parse_manifest_bytes(body)
+    body, _ = read_manifest(arguments.manifest)
+    output = arguments.output or arguments.manifest + ".sig"
+    _check_output_file(Path(output))
     signature = sign_detached(
         body, arguments.key, arguments.cert, arguments.digest, arguments.rsa_pss
     )
-    output = arguments.output or arguments.manifest + ".sig"
     result = {"signature": output, "manifest_hash": sha256_hex(body), "timestamp": None}
     token = None
     if arguments.tsa_url:
@@ -341,7 +364,7 @@ def _register_verify(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_verify(arguments: argparse.Namespace) -> int:
-    body = read_file(arguments.manifest, "manifest")
+    body, manifest = read_manifest(arguments.manifest)
     signature_path = arguments.signature or arguments.manifest + ".sig"
     signature = read_file(signature_path, "signature")
     timestamp = timestamp_from(arguments.timestamp, signature_path)
@@ -349,7 +372,6 @@ def _run_verify(arguments: argparse.Namespace) -> int:
     result = verify_signature(
         body, signature, policy, timestamp, audit=AuditFile(arguments.audit_log)
     )
-    manifest = parse_manifest_bytes(body)
     stamp = result.timestamp
     emit(
         {
@@ -417,7 +439,8 @@ def _register_publish(subcommands: argparse._SubParsersAction) -> None:
 
 
 def _run_publish(arguments: argparse.Namespace) -> int:
-    body = read_file(arguments.manifest, "manifest")
+    _reject_inside(Path(arguments.repo), Path(arguments.release_dir), "repository")
+    body, manifest = read_manifest(arguments.manifest)
     signature_path = arguments.signature or arguments.manifest + ".sig"
     signature = read_file(signature_path, "signature")
     timestamp = timestamp_from(arguments.timestamp, signature_path)
@@ -430,7 +453,6 @@ def _run_publish(arguments: argparse.Namespace) -> int:
         logger.warning(
             "no --trust or --trust-policy given: the signer's certificate chain is not checked"
         )
-    manifest = parse_manifest_bytes(body)
     with progress_bar(manifest.total_size, f"publishing {manifest.version}") as bar:
         result = publish_release(
             arguments.repo,

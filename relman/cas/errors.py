@@ -2,11 +2,11 @@
 
     RelmanError                  exit code 1
     ├── InputError               bad value from the user (path, version, option)
-    ├── ManifestError            a manifest that is not well formed or unsafe
     ├── ConflictError            the repository contains other content
     ├── FetchError               a mirror could not be reached or responded with an error
     └── VerificationError        exit code 3: a signature, chain or hash check failed
         ├── SignatureError       the CMS signature or its certificate chain
+        ├── ManifestError        a manifest that is not well formed or unsafe
         └── IntegrityError       bytes that do not match their SHA-256 or size
 
 Every message names the value involved and, where there is one, the fix.
@@ -23,10 +23,6 @@ class RelmanError(Exception):
 
 class InputError(RelmanError):
     """A path, version or option given by the user is invalid."""
-
-
-class ManifestError(RelmanError):
-    """A manifest is malformed, or names a path that is not safe to deploy."""
 
 
 class ConflictError(RelmanError):
@@ -49,3 +45,11 @@ class SignatureError(VerificationError):
 
 class IntegrityError(VerificationError):
     """Bytes do not match the SHA-256 digest or the size they were declared with."""
+
+
+class ManifestError(VerificationError):
+    """A manifest is malformed, or names a path that is not safe to deploy.
+
+    It counts as a verification failure: a signed manifest that fails these
+    checks must not be deployed, whoever signed it.
+    """

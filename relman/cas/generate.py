@@ -45,7 +45,10 @@ def build_manifest(
     """
     validate_version(info.version)
     if info.min_upgrade_from is not None:
-        validate_version(info.min_upgrade_from)
+        try:
+            validate_version(info.min_upgrade_from)
+        except InputError as error:
+            raise InputError(f"--min-upgrade-from: {error}") from error
     files = scan_release(release_dir, exclude, threads, progress)
     if not files:
         raise InputError(f"release folder {str(release_dir)!r} contains no files")

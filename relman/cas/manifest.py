@@ -26,6 +26,8 @@ ENVELOPE_KEYS = ("manifest_hash", "signature", "signing_certificate", "timestamp
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _PERMISSIONS = re.compile(r"0[0-7]{3}")
 MAX_PATH_LENGTH = 4096
+# NAME_MAX of Linux file systems such as ext4 and XFS.
+MAX_NAME_BYTES = 255
 
 
 def validate_relative_path(path: str) -> str:
@@ -56,6 +58,8 @@ def _path_problem(path: str) -> str | None:
     for part in path.split("/"):
         if part in ("", ".", ".."):
             return "empty, '.' and '..' components are not allowed"
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            return f"a component is longer than {MAX_NAME_BYTES} bytes"
     return None
 
 
@@ -251,14 +255,19 @@ def parse_manifest_bytes(body: bytes) -> Manifest:
     return manifest
 
 
+MAX_SYMLINK_EXPANSIONS = 40
+MAX_LINK_TARGET_BYTES = 4095
+
+
 def check_symlinks(targets: dict[str, str]) -> None:
     """Raise ManifestError unless every symlink target stays inside the tree.
 
     ``targets`` maps each symlink's path to its target. A target must be
-    relative, and resolved from the link's folder it must not climb above
-    the tree's root. A ``..`` may not follow a component that is itself a
-    symlink of the tree: the kernel resolves such a ``..`` from the link's
-    target rather than lexically, which could reach outside the tree.
+    relative. It is then resolved the way the kernel would resolve it in the
+    deployed tree: from the link's folder, expanding every component that is
+    itself a symlink of the tree, with ``..`` going up from where that
+    expansion led. Resolution may never climb above the tree's root, and may
+    expand at most MAX_SYMLINK_EXPANSIONS links (the kernel's own limit).
     """
     for link_path, target in targets.items():
         problem = _symlink_problem(link_path, target, targets)
@@ -268,6 +277,10 @@ def check_symlinks(targets: dict[str, str]) -> None:
             )
 
 
+class _Escape(Exception):
+    """A symlink target resolved to a place outside the tree, or looped."""
+
+
 def _symlink_problem(link_path: str, target: str, links: dict[str, str]) -> str | None:
     if not target:
         return "the target is empty"
@@ -275,19 +288,41 @@ def _symlink_problem(link_path: str, target: str, links: dict[str, str]) -> str 
         return "the target is absolute"
     if any(ord(char) < 0x20 for char in target):
         return "the target contains control characters"
-    position = link_path.split("/")[:-1]
+    if len(target.encode("utf-8", "surrogateescape")) > MAX_LINK_TARGET_BYTES:
+        return f"the target is longer than {MAX_LINK_TARGET_BYTES} bytes"
+    try:
+        _resolve(link_path.split("/")[:-1], target, links, [0])
+    except _Escape as error:
+        return str(error)
+    return None
+
+
+def _resolve(
+    folder: list[str], target: str, links: dict[str, str], expansions: list[int]
+) -> list[str]:
+    """Return the tree position ``target`` names from ``folder``, expanding tree symlinks."""
+    position = list(folder)
     for part in target.split("/"):
         if part in ("", "."):
             continue
-        if part != "..":
+        if part == "..":
+            if not position:
+                raise _Escape("the target leaves the release tree")
+            position.pop()
+            continue
+        candidate = "/".join([*position, part])
+        if candidate not in links:
             position.append(part)
             continue
-        if not position:
-            return "the target leaves the release tree"
-        if "/".join(position) in links:
-            return "'..' follows a symlink, so it does not resolve lexically"
-        position.pop()
-    return None
+        expansions[0] += 1
+        if expansions[0] > MAX_SYMLINK_EXPANSIONS:
+            raise _Escape(
+                f"resolving it expands more than {MAX_SYMLINK_EXPANSIONS} symlinks"
+            )
+        if links[candidate].startswith("/"):
+            raise _Escape(f"it passes through {candidate!r}, whose target is absolute")
+        position = _resolve(position, links[candidate], links, expansions)
+    return position
 
 
 def _require_object(data: Any, what: str, allowed: frozenset[str]) -> dict[str, Any]:

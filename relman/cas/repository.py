@@ -40,6 +40,7 @@ from relman.cas.fsutil import atomic_write_bytes, fsync_dir
 from relman.cas.index import INDEX_NAME, RepositoryIndex, utc_now
 from relman.cas.manifest import Manifest, ReleaseFile, parse_manifest_bytes
 from relman.cas.pki import certificate_pem
+from relman.cas.scan import read_link_target
 from relman.cas.versions import sort_versions, validate_version
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Repository:
     def create(cls, root: str | Path) -> Repository:
         """Open the repository at ``root``, creating its folders and config if missing."""
         repository = cls(root)
+        _check_new_repository_folder(repository.root)
         repository.root.mkdir(parents=True, exist_ok=True)
         (repository.root / "manifests").mkdir(exist_ok=True)
         (repository.root / "objects" / "sha256").mkdir(parents=True, exist_ok=True)
@@ -305,7 +307,9 @@ class Repository:
     def _import_one(self, source: Path, entry: ReleaseFile) -> int:
         path = source / entry.path
         if entry.type == "symlink":
-            target = os.readlink(path).encode("utf-8", "surrogateescape")
+            target = read_link_target(source, entry.path).encode(
+                "utf-8", "surrogateescape"
+            )
             if sha256_hex(target) != entry.sha256_hash:
                 raise IntegrityError(f"symlink target {target!r} differs")
             self.blobs.add_bytes(target, entry.sha256_hash)
@@ -361,3 +365,24 @@ class Repository:
             "reindexed %d releases in %s at %s", len(versions), self.root, utc_now()
         )
         return len(versions)
+
+
+def _check_new_repository_folder(root: Path) -> None:
+    """Raise InputError unless ``root`` is a repository, an empty folder, or absent."""
+    if (root / "config.json").is_file():
+        return
+    if root.exists() and not root.is_dir():
+        raise InputError(
+            f"repository path {str(root)!r} is not a folder; pass a folder for --repo"
+        )
+    if root.is_dir() and any(root.iterdir()):
+        raise InputError(
+            f"{str(root)!r} exists and is not a relman repository (no config.json); "
+            "pass an empty or new folder for --repo"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(
+            f"cannot create repository folder {str(root)!r}: {error.strerror}"
+        ) from error

@@ -136,7 +136,7 @@ def _classify(root: Path, relative: str) -> _Found | None:
     if stat.S_ISREG(info.st_mode):
         return _Found(relative, absolute, stat.S_IMODE(info.st_mode), None)
     if stat.S_ISLNK(info.st_mode):
-        target = _relative_link_target(root, relative, os.readlink(absolute))
+        target = read_link_target(root, relative)
         return _Found(relative, absolute, 0o777, target)
     kind = _special_kind(info.st_mode)
     raise InputError(
@@ -158,7 +158,13 @@ def _special_kind(mode: int) -> str:
     return "special file"
 
 
-def _relative_link_target(root: Path, relative: str, target: str) -> str:
+def read_link_target(root: Path, relative: str) -> str:
+    """Return the target of the symlink ``root/relative`` as the manifest records it.
+
+    A relative target is returned unchanged. An absolute target inside
+    ``root`` becomes the equivalent relative target; any other raises InputError.
+    """
+    target = os.readlink(root / relative)
     if not target.startswith("/"):
         return target
     real_root = os.path.realpath(root)

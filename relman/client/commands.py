@@ -7,7 +7,7 @@ from pathlib import Path
 
 import uvloop
 
-from relman.cas.cli_options import add_trust_options, policy_from
+from relman.cas.cli_options import add_trust_options, policy_from, positive_int
 from relman.cas.console import emit, format_bytes, progress_bar
 from relman.client.deploy import apply_release, rollback_release
 from relman.client.node import Node
@@ -51,7 +51,7 @@ def _register_pull(subcommands: argparse._SubParsersAction) -> None:
     pull.add_argument("--version", help="version to pull (default: the latest)")
     pull.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         default=DEFAULT_CONCURRENCY,
         metavar="N",
         help=f"parallel blob downloads (default: {DEFAULT_CONCURRENCY})",

@@ -14,9 +14,12 @@ inodes they opened.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import secrets
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from relman.cas.repository import StoredRelease
 from relman.cas.verify import verify_signature
 from relman.cas.versions import Version, validate_version
 from relman.client.node import STAGING_MARK, Node, remove_tree
+from relman.client.state import NodeState
 
 logger = logging.getLogger(__name__)
 
@@ -79,25 +83,28 @@ def apply_release(
     validate_version(version)
     node = Node.open(root)
     with node.lock(), node.state() as state:
+        finish_interrupted_flip(node, state)
         try:
             release = _load_verified(node, version, policy, state)
             manifest, manifest_hash = release.manifest, release.manifest_hash
             current = node.link_version(node.current)
             _check_upgrade_path(manifest, current, allow_downgrade)
             blobs = node.store.blobs
-            _check_symlinks(manifest, blobs)
+            check_release_symlinks(manifest, blobs)
             _verify_blobs(manifest, blobs)
             signer = parse_signature(release.signature).signer
             verify_file_signatures(manifest, signer, policy)
             reused = _ensure_tree(node, manifest, blobs)
             if current == version:
                 previous = node.link_version(node.previous)
+                rollback_id = state.record_deployment(
+                    "apply", version, previous, manifest_hash
+                )
             else:
                 previous = current
-                _flip(node, version, previous)
-            rollback_id = state.record_deployment(
-                "apply", version, previous, manifest_hash
-            )
+                rollback_id = _flip(
+                    node, state, "apply", version, previous, manifest_hash
+                )
         except RelmanError as error:
             state.audit("apply", version, "rejected", reason=str(error))
             raise
@@ -123,11 +130,12 @@ def rollback_release(root: str | Path, rollback_id: str | None = None) -> Deploy
 
     Raises:
         InputError: there is nothing to roll back to, or the id is unknown.
-        IntegrityError: the target tree no longer matches its manifest.
+        IntegrityError: a blob of the target release is missing or corrupt.
     """
     started = time.monotonic()
     node = Node.open(root)
     with node.lock(), node.state() as state:
+        finish_interrupted_flip(node, state)
         current = node.link_version(node.current)
         target = _rollback_target(node, state, rollback_id)
         if target == current:
@@ -135,15 +143,17 @@ def rollback_release(root: str | Path, rollback_id: str | None = None) -> Deploy
                 f"version {target} is already current; nothing to roll back"
             )
         try:
-            release = node.store.load_release(target)
-            _check_tree(node.releases / target, release.manifest, node.store.blobs)
-            _flip(node, target, current)
+            release = _load_stored(node, target)
+            # The tree was verified when it was applied; check it again, and
+            # rebuild it from the verified store if a file was changed since.
+            _verify_blobs(release.manifest, node.store.blobs)
+            _ensure_tree(node, release.manifest, node.store.blobs)
+            new_id = _flip(
+                node, state, "rollback", target, current, release.manifest_hash
+            )
         except RelmanError as error:
             state.audit("rollback", target, "rejected", reason=str(error))
             raise
-        new_id = state.record_deployment(
-            "rollback", target, current, release.manifest_hash
-        )
         state.audit("rollback", target, "ok", previous=current, rollback_id=new_id)
     logger.info("rolled back from %s to %s", current, target)
     return DeployResult(
@@ -177,16 +187,20 @@ def _rollback_target(node: Node, state, rollback_id: str | None) -> str:  # noqa
     return deployment["previous_version"]
 
 
-def _load_verified(
-    node: Node, version: str, policy: TrustPolicy | None, state
-) -> StoredRelease:  # noqa: ANN001
+def _load_stored(node: Node, version: str) -> StoredRelease:
     try:
-        release = node.store.load_release(version)
+        return node.store.load_release(version)
     except KeyError as error:
         raise InputError(
             f"version {version} is not in {str(node.root / 'store')!r}; run "
-            f"`relman pull --version {version}` first"
+            f"`relman pull --mirror URL --root {node.root} --trust CA.pem --version {version}` first"
         ) from error
+
+
+def _load_verified(
+    node: Node, version: str, policy: TrustPolicy | None, state
+) -> StoredRelease:  # noqa: ANN001
+    release = _load_stored(node, version)
     if policy is not None:
         verify_signature(
             release.body,
@@ -221,7 +235,8 @@ def _check_upgrade_path(
         )
 
 
-def _check_symlinks(manifest: Manifest, blobs: BlobStore) -> None:
+def check_release_symlinks(manifest: Manifest, blobs: BlobStore) -> None:
+    """Raise ManifestError unless every symlink of the release stays inside its tree."""
     targets = {}
     for entry in manifest.files:
         if entry.type == "symlink":
@@ -232,46 +247,94 @@ def _check_symlinks(manifest: Manifest, blobs: BlobStore) -> None:
 
 
 def _verify_blobs(manifest: Manifest, blobs: BlobStore) -> None:
-    """Re-hash every blob the release uses, so a corrupted store is never deployed."""
-    unique = {entry.sha256_hash: entry for entry in manifest.files}
+    """Re-hash every file a release links to, so a corrupted store is never deployed.
 
-    def check(entry: ReleaseFile) -> None:
+    Those are the blobs, for mode 0444, and the per-mode copies. A file with
+    the right bytes but a changed mode gets its mode back. A corrupt per-mode
+    copy is rebuilt from its verified blob. A corrupt blob is removed, so that
+    the next pull fetches it again, and the apply fails.
+    """
+    pairs = {
+        (entry.sha256_hash, deployed_mode(entry)): entry
+        for entry in manifest.files
+        if entry.type != "symlink"
+    }
+    blob_entries = {entry.sha256_hash: entry for entry in manifest.files}
+
+    def check_blob(entry: ReleaseFile) -> None:
         path = blobs.path(entry.sha256_hash)
         if not path.is_file():
             raise IntegrityError(
-                f"blob {entry.sha256_hash} for {entry.path!r} is missing from the store; pull the release again"
+                f"blob {entry.sha256_hash} for {entry.path!r} is missing from the store; "
+                f"run `relman pull --version {manifest.version}` again"
             )
-        digest, size = sha256_file(path)
-        if digest != entry.sha256_hash or size != entry.size_bytes:
+        if not _repair_mode(path, entry, BLOB_MODE):
+            path.unlink()
             raise IntegrityError(
-                f"blob for {entry.path!r} in the store is corrupt: expected sha256 "
-                f"{entry.sha256_hash}, got {digest}; remove it and pull again"
+                f"blob {path} for {entry.path!r} was corrupt and has been removed; run "
+                f"`relman pull --version {manifest.version}` to fetch it again"
             )
 
+    def check_copy(key: tuple[str, int]) -> None:
+        digest, mode = key
+        entry = pairs[key]
+        copy = mode_inode_path(blobs, digest, mode)
+        if mode != BLOB_MODE and copy.is_file() and not _repair_mode(copy, entry, mode):
+            logger.warning("rebuilding corrupt store copy %s of %s", copy, entry.path)
+            copy.unlink()
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        list(pool.map(check, unique.values()))
+        list(pool.map(check_blob, blob_entries.values()))
+        list(pool.map(check_copy, pairs))
+
+
+def _repair_mode(path: Path, entry: ReleaseFile, mode: int) -> bool:
+    """Return True if ``path`` has the entry's bytes, after setting ``mode`` if it drifted."""
+    if not _same_content(path, entry):
+        return False
+    if (path.stat().st_mode & 0o7777) != mode:
+        logger.warning("resetting mode of %s to %04o", path, mode)
+        os.chmod(path, mode)
+    return True
+
+
+def _same_content(path: Path, entry: ReleaseFile) -> bool:
+    digest, size = sha256_file(path)
+    return digest == entry.sha256_hash and size == entry.size_bytes
 
 
 def _ensure_tree(node: Node, manifest: Manifest, blobs: BlobStore) -> bool:
-    """Make sure ``releases/<version>`` is complete; return True if it already was."""
+    """Make sure ``releases/<version>`` is complete; return True if it already was.
+
+    A tree that no longer matches is rebuilt beside it and swapped in with one
+    atomic exchange of the two folders, so a running release never sees a
+    missing or half-built tree, even when relman is killed in between.
+    """
     target = node.releases / manifest.version
+    stale = False
     if target.is_dir():
         try:
             _check_tree(target, manifest, blobs)
             return True
         except IntegrityError as error:
             logger.warning("rebuilding %s: %s", target, error)
-            remove_tree(target)
+            stale = True
     staging = node.releases / f".{manifest.version}{STAGING_MARK}{secrets.token_hex(4)}"
     staging.mkdir(mode=0o755)
     try:
         _build_tree(staging, manifest, blobs)
         os.sync()
-        os.rename(staging, target)
+        if stale:
+            exchange_paths(staging, target)
+        else:
+            os.rename(staging, target)
     except BaseException:
         remove_tree(staging)
         raise
     fsync_dir(node.releases)
+    if stale:
+        # After the exchange, the staging name holds the old tree.
+        remove_tree(staging)
     return False
 
 
@@ -285,18 +348,37 @@ def _build_tree(staging: Path, manifest: Manifest, blobs: BlobStore) -> None:
             )
             os.symlink(target, destination)
         else:
-            os.link(
+            _link_or_copy(
                 mode_inode(blobs, entry.sha256_hash, deployed_mode(entry)), destination
             )
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link ``source``; copy it once the inode has the file system's maximum of links."""
+    try:
+        os.link(source, destination)
+    except OSError as error:
+        if error.errno != errno.EMLINK:
+            raise
+        logger.warning(
+            "%s has the maximum number of links; copying it to %s", source, destination
+        )
+        shutil.copyfile(source, destination)
+        os.chmod(destination, source.stat().st_mode & 0o7777)
+
+
+def mode_inode_path(blobs: BlobStore, digest: str, mode: int) -> Path:
+    """Return where the store keeps ``digest``'s bytes with ``mode``."""
+    if mode == BLOB_MODE:
+        return blobs.path(digest)
+    return blobs.root / "modes" / f"{mode:04o}" / digest[:2] / digest[2:]
 
 
 def mode_inode(blobs: BlobStore, digest: str, mode: int) -> Path:
     """Return the store file with ``digest``'s bytes and ``mode``, creating it if needed."""
     blob = blobs.path(digest)
-    if mode == BLOB_MODE:
-        return blob
-    target = blobs.root / "modes" / f"{mode:04o}" / digest[:2] / digest[2:]
-    if target.is_file():
+    target = mode_inode_path(blobs, digest, mode)
+    if mode == BLOB_MODE or target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".{digest[2:]}.{secrets.token_hex(4)}"
@@ -313,9 +395,15 @@ def mode_inode(blobs: BlobStore, digest: str, mode: int) -> Path:
 
 
 def _check_tree(tree: Path, manifest: Manifest, blobs: BlobStore) -> None:
-    """Raise IntegrityError unless every file in ``tree`` is the store's inode for it."""
+    """Raise IntegrityError unless ``tree`` holds exactly the release's files.
+
+    Each file must be the store's verified inode for its content and mode (or,
+    where the inode ran out of links, a copy with the same bytes and mode),
+    and nothing else may be in the tree.
+    """
     if not tree.is_dir():
         raise IntegrityError(f"release tree {str(tree)!r} is missing")
+    _check_no_extra_entries(tree, manifest)
     for entry in manifest.files:
         path = tree / entry.path
         try:
@@ -334,7 +422,9 @@ def _check_tree(tree: Path, manifest: Manifest, blobs: BlobStore) -> None:
                 )
             continue
         source = mode_inode(blobs, entry.sha256_hash, deployed_mode(entry)).stat()
-        if (info.st_ino, info.st_dev) != (source.st_ino, source.st_dev):
+        same_inode = (info.st_ino, info.st_dev) == (source.st_ino, source.st_dev)
+        is_copy = info.st_nlink == 1 and path.is_file() and _same_content(path, entry)
+        if not (same_inode or is_copy):
             raise IntegrityError(
                 f"{entry.path!r} in {str(tree)!r} is not the store's file"
             )
@@ -344,12 +434,65 @@ def _check_tree(tree: Path, manifest: Manifest, blobs: BlobStore) -> None:
             )
 
 
-def _flip(node: Node, version: str, previous: str | None) -> None:
-    """Point ``current`` at ``version`` and ``previous`` at ``previous``, atomically each."""
+def _check_no_extra_entries(tree: Path, manifest: Manifest) -> None:
+    expected = {entry.path for entry in manifest.files}
+    folders = {
+        "/".join(entry.path.split("/")[:depth])
+        for entry in manifest.files
+        for depth in range(1, entry.path.count("/") + 1)
+    }
+    for folder, subfolders, files in os.walk(tree):
+        relative = os.path.relpath(folder, tree)
+        prefix = "" if relative == "." else relative + "/"
+        for name in files + subfolders:
+            path = prefix + name
+            if path not in expected and path not in folders:
+                raise IntegrityError(
+                    f"{path!r} in {str(tree)!r} is not part of the release"
+                )
+        # Symlinks to folders are listed in subfolders but are entries, not folders.
+        subfolders[:] = [name for name in subfolders if prefix + name in folders]
+
+
+def _flip(
+    node: Node,
+    state: NodeState,
+    action: str,
+    version: str,
+    previous: str | None,
+    manifest_hash: str,
+) -> str:
+    """Point ``current`` at ``version`` and ``previous`` at ``previous``; return the rollback id.
+
+    Each link is replaced atomically, but the two renames are two steps. The
+    flip is written to the journal first, so that a crash between them is
+    finished by ``finish_interrupted_flip`` under the next lock.
+    """
+    state.begin_flip(action, version, previous, manifest_hash)
+    _set_links(node, version, previous)
+    return state.end_flip()
+
+
+def _set_links(node: Node, version: str, previous: str | None) -> None:
     _replace_link(node.root, "current", f"releases/{version}")
     if previous:
         _replace_link(node.root, "previous", f"releases/{previous}")
     fsync_dir(node.root)
+
+
+def finish_interrupted_flip(node: Node, state: NodeState) -> None:
+    """Complete a flip that the journal shows was started but not recorded."""
+    pending = state.pending_flip()
+    if pending is None:
+        return
+    logger.warning(
+        "finishing an interrupted %s to %s (previous %s)",
+        pending["action"],
+        pending["version"],
+        pending["previous_version"],
+    )
+    _set_links(node, pending["version"], pending["previous_version"])
+    state.end_flip()
 
 
 def _replace_link(root: Path, name: str, target: str) -> None:
@@ -360,3 +503,22 @@ def _replace_link(root: Path, name: str, target: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # from <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def exchange_paths(first: Path, second: Path) -> None:
+    """Swap two folders atomically with renameat2(RENAME_EXCHANGE) (Linux 3.15 and later).
+
+    Raises:
+        OSError: the kernel or file system does not support the exchange.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number), str(first), None, str(second))

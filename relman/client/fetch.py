@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ from relman.cas.errors import FetchError, IntegrityError
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 256 * 1024
+# The largest manifest envelope relman reads: about 250,000 files with a
+# per-file signature each. An estimate, not a protocol limit.
+MAX_DOCUMENT_BYTES = 512 * 1024 * 1024
+DOCUMENT_TIMEOUT_SECONDS = 300
+# A transfer that delivers less than MIN_BYTES_PER_WINDOW in WINDOW_SECONDS is
+# cut and retried, like curl's --speed-limit and --speed-time.
+MIN_BYTES_PER_WINDOW = 1024
+WINDOW_SECONDS = 60.0
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -50,6 +59,7 @@ class _Partial:
     path: Path
     etag_path: Path
     hasher: Any = None
+    resumed: bool = False
 
     def begin(self, offset: int) -> None:
         """Start the running hash with the ``offset`` bytes already on disk."""
@@ -80,8 +90,11 @@ class _Partial:
             return None
 
     def remember_etag(self, etag: str | None) -> None:
-        if etag:
+        """Keep a strong ETag for If-Range; anything else means no resume later."""
+        if etag and etag.isascii() and etag.isprintable() and not etag.startswith("W/"):
             self.etag_path.write_text(etag)
+        else:
+            self.etag_path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -101,23 +114,64 @@ def mirror_url(base: str, path: str) -> str:
 
 
 async def get_json(session: aiohttp.ClientSession, base: str, path: str) -> Any:
-    """GET a JSON document, raising FetchError with the mirror's message on failure."""
+    """GET a JSON document, raising FetchError with the mirror's message on failure.
+
+    The body may be at most MAX_DOCUMENT_BYTES long and must arrive within
+    DOCUMENT_TIMEOUT_SECONDS, so a hostile mirror cannot exhaust memory or
+    stall the pull before the signature is checked.
+    """
     url = mirror_url(base, path)
     try:
-        async with session.get(url) as response:
-            body = await response.read()
+        timeout = aiohttp.ClientTimeout(total=DOCUMENT_TIMEOUT_SECONDS)
+        async with session.get(url, timeout=timeout, allow_redirects=False) as response:
+            _reject_redirect(response, url)
+            body = await _read_limited(response, MAX_DOCUMENT_BYTES, url)
             if response.status != 200:
+                hint = _status_hint(response.status, body)
                 raise FetchError(
-                    f"GET {url} failed with HTTP {response.status}: {_error_text(body)}"
+                    f"GET {url} failed with HTTP {response.status}: {_error_text(body)}{hint}"
                 )
-    except aiohttp.ClientError as error:
+    except (aiohttp.ClientError, TimeoutError) as error:
         raise FetchError(
-            f"GET {url} failed: {error}; check --mirror and that the mirror runs"
+            f"GET {url} failed ({type(error).__name__}: {error}); check --mirror and "
+            "that the mirror runs"
         ) from error
     try:
         return load_json_bytes(body, f"response of {url}")
     except ValueError as error:
         raise FetchError(str(error)) from error
+
+
+async def _read_limited(
+    response: aiohttp.ClientResponse, limit: int, url: str
+) -> bytes:
+    chunks = []
+    received = 0
+    async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+        received += len(chunk)
+        if received > limit:
+            raise FetchError(
+                f"response of {url} is larger than {limit} bytes; the mirror is misbehaving"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_redirect(response: aiohttp.ClientResponse, url: str) -> None:
+    """Refuse redirects: a node talks to the mirror it was given, and to no other host."""
+    if 300 <= response.status < 400:
+        location = response.headers.get("Location", "")
+        raise FetchError(
+            f"GET {url} was redirected (HTTP {response.status}) to {location!r}; relman "
+            "does not follow redirects, so pass that mirror as --mirror if you trust it"
+        )
+
+
+def _status_hint(status: int, body: bytes) -> str:
+    """Suggest a fix when a 404 does not come from relman's API (a wrong base URL)."""
+    if status == 404 and not body.lstrip().startswith(b"{"):
+        return "; check that --mirror is the mirror's base URL, such as http://127.0.0.1:8080"
+    return ""
 
 
 def _error_text(body: bytes) -> str:
@@ -153,7 +207,7 @@ class BlobFetcher:
         self.stats = DownloadStats()
         self.partial_dir = store.temporary / "partial"
 
-    async def fetch(self, digest: str, size: int) -> None:
+    async def fetch(self, digest: str, size: int, label: str = "") -> None:
         """Download one blob into the store, resuming and retrying on transport errors.
 
         Raises:
@@ -173,10 +227,13 @@ class BlobFetcher:
             try:
                 await self._attempt(url, partial, digest, size)
                 break
+            except FetchError as error:
+                raise FetchError(f"cannot fetch {label or digest}: {error}") from error
             except (TimeoutError, aiohttp.ClientError, ConnectionError) as error:
                 if attempt == self.retries:
                     raise FetchError(
-                        f"download of {url} failed after {attempt} attempts: {error!r}; "
+                        f"download of {label or digest} from {url} failed after "
+                        f"{attempt} attempts ({type(error).__name__}: {error}); "
                         "run the pull again to resume it"
                     ) from error
                 self.stats.retries += 1
@@ -188,7 +245,19 @@ class BlobFetcher:
                     self.retries - 1,
                 )
                 await asyncio.sleep(0.2 * attempt)
-        await asyncio.to_thread(self._commit, partial, digest, size)
+        try:
+            await asyncio.to_thread(self._commit, partial, digest, size)
+        except IntegrityError:
+            if not partial.resumed:
+                raise
+            # The bytes kept from an earlier attempt may have come from another
+            # mirror, so one mismatch after a resume earns a full download.
+            logger.warning(
+                "resumed download of %s failed its hash; fetching it whole", url
+            )
+            partial.discard()
+            await self._attempt(url, partial, digest, size)
+            await asyncio.to_thread(self._commit, partial, digest, size)
         self.stats.blobs_fetched += 1
 
     async def _attempt(
@@ -201,12 +270,19 @@ class BlobFetcher:
         if offset == size and size > 0:
             partial.begin(offset)
             return
+        if offset and not partial.etag:
+            # Without a validator the mirror cannot tell whether the bytes on
+            # disk are still a prefix of its blob, so start over.
+            partial.discard()
+            offset = 0
         headers = {}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-            if partial.etag:
-                headers["If-Range"] = partial.etag
-        async with self.session.get(url, headers=headers) as response:
+            headers["If-Range"] = partial.etag
+        async with self.session.get(
+            url, headers=headers, allow_redirects=False
+        ) as response:
+            _reject_redirect(response, url)
             start = self._start_offset(response, url, offset, size, partial)
             partial.begin(offset if start is None else start)
             if start is None:
@@ -215,6 +291,7 @@ class BlobFetcher:
             partial.remember_etag(response.headers.get("ETag"))
             if offset:
                 self.stats.resumed += 1
+                partial.resumed = True
             await self._receive(response, partial, offset, size, url)
 
     def _start_offset(
@@ -250,9 +327,11 @@ class BlobFetcher:
         self, response, partial: _Partial, offset: int, size: int, url: str
     ) -> None:  # noqa: ANN001
         mode = "ab" if offset else "wb"
+        window = _SpeedWindow(url)
         with open(partial.path, mode) as stream:
             written = offset
             async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                window.add(len(chunk))
                 if written + len(chunk) > size:
                     stream.close()
                     partial.discard()
@@ -277,7 +356,14 @@ class BlobFetcher:
         if partial.hasher is None:
             partial.begin(partial.size)
         actual = partial.hasher.hexdigest()
-        if actual != digest or partial.size != size:
+        if partial.size != size:
+            received = partial.size
+            partial.discard()
+            raise IntegrityError(
+                f"blob {digest} from the mirror has {received} bytes, the manifest "
+                f"declares {size}; the mirror's copy is corrupt or was altered"
+            )
+        if actual != digest:
             partial.discard()
             raise IntegrityError(
                 f"blob from the mirror does not match the manifest: expected sha256 "
@@ -285,3 +371,25 @@ class BlobFetcher:
             )
         partial.etag_path.unlink(missing_ok=True)
         self.store.commit(partial.path, self.store.path(digest))
+
+
+class _SpeedWindow:
+    """Raises when fewer than MIN_BYTES_PER_WINDOW bytes arrive in WINDOW_SECONDS."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.started = time.monotonic()
+        self.received = 0
+
+    def add(self, count: int) -> None:
+        self.received += count
+        elapsed = time.monotonic() - self.started
+        if elapsed < WINDOW_SECONDS:
+            return
+        if self.received < MIN_BYTES_PER_WINDOW:
+            raise aiohttp.ClientPayloadError(
+                f"{self.url} sent {self.received} bytes in {elapsed:.0f} s, below "
+                f"{MIN_BYTES_PER_WINDOW} bytes per {WINDOW_SECONDS:.0f} s"
+            )
+        self.started = time.monotonic()
+        self.received = 0

@@ -39,13 +39,17 @@ class Node:
     @classmethod
     def open(cls, root: str | Path, create: bool = False) -> Node:
         node = cls(root)
+        if node.root.exists() and not node.root.is_dir():
+            raise InputError(
+                f"node root {str(node.root)!r} is not a folder; pass a folder for --root"
+            )
         if create:
             node.releases.mkdir(parents=True, exist_ok=True)
             Repository.create(node.root / "store")
         elif not (node.root / "store" / "config.json").is_file():
             raise InputError(
                 f"{str(node.root)!r} is not a relman node root: store/ is missing; "
-                "run `relman pull --root` first"
+                f"run `relman pull --mirror URL --root {node.root} --trust CA.pem` first"
             )
         return node
 
@@ -88,6 +92,11 @@ class Node:
             target = os.readlink(link)
         except FileNotFoundError:
             return None
+        except OSError as error:
+            raise InputError(
+                f"{str(link)!r} is not a symlink, but relman manages it as one; move it "
+                "away, then apply a release again"
+            ) from error
         return Path(target).name
 
     def deployed_versions(self) -> list[str]:

@@ -20,12 +20,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
+import rfc8785
 
 from relman.cas.canonical import canonical_bytes, sha256_hex
-from relman.cas.errors import IntegrityError, ManifestError, SignatureError
-from relman.cas.manifest import ENVELOPE_KEYS, Manifest, parse_manifest_bytes
+from relman.cas.errors import InputError, IntegrityError, ManifestError, SignatureError
+from relman.cas.manifest import (
+    ENVELOPE_KEYS,
+    Manifest,
+    ReleaseFile,
+    parse_manifest_bytes,
+)
 from relman.cas.policy import TrustPolicy
 from relman.cas.verify import (
     AuditCallback,
@@ -33,6 +40,7 @@ from relman.cas.verify import (
     Verification,
     verify_signature,
 )
+from relman.client.deploy import check_release_symlinks
 from relman.client.fetch import BlobFetcher, DownloadStats, get_json, manifest_path
 from relman.client.node import Node
 
@@ -87,7 +95,17 @@ def verify_envelope(
     body_fields = {
         key: value for key, value in envelope.items() if key not in ENVELOPE_KEYS
     }
-    body = canonical_bytes(body_fields)
+    try:
+        body = canonical_bytes(body_fields)
+    except (
+        ValueError,
+        TypeError,
+        RecursionError,
+        rfc8785.CanonicalizationError,
+    ) as error:
+        raise ManifestError(
+            f"the mirror's manifest envelope cannot be canonicalised: {error}"
+        ) from error
 
     # 1. The body matches the hash the envelope announces.
     declared = envelope.get("manifest_hash")
@@ -109,7 +127,9 @@ def verify_envelope(
 
     # 3. The signed manifest is well formed.
     manifest = parse_manifest_bytes(body)
-    return VerifiedEnvelope(manifest, body, signature, timestamp, signer)
+    # The token is not covered by the signature, so it is kept only if it verified.
+    kept = timestamp if signer.timestamp is not None else None
+    return VerifiedEnvelope(manifest, body, signature, kept, signer)
 
 
 def _decode_timestamp(token: object) -> bytes | None:
@@ -143,14 +163,50 @@ async def pull_release(
 ) -> PullResult:
     """Fetch the manifest of ``version`` (default: the latest) and the blobs the node lacks."""
     started = time.monotonic()
+    check_mirror_url(mirror)
     node = Node.open(root, create=True)
+    lock = node.lock()
+    # Waiting for another pull, apply or rollback blocks, so it runs in a thread.
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        return await _pull_locked(
+            node, mirror, policy, version, concurrency, progress_factory, started
+        )
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def check_mirror_url(mirror: str) -> None:
+    """Raise InputError unless ``mirror`` is an http:// or https:// URL with a host."""
+    parts = urlsplit(mirror)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputError(
+            f"invalid mirror URL {mirror!r}: expected http://HOST:PORT or https://HOST, "
+            "such as http://127.0.0.1:8080"
+        )
+
+
+async def _pull_locked(
+    node: Node,
+    mirror: str,
+    policy: TrustPolicy,
+    version: str | None,
+    concurrency: int,
+    progress_factory: Callable[[int, str], object] | None,
+    started: float,
+) -> PullResult:
     timeout = aiohttp.ClientTimeout(
         total=None,
         sock_connect=DEFAULT_TIMEOUT_SECONDS,
         sock_read=DEFAULT_TIMEOUT_SECONDS,
     )
+    # Bytes are hashed as they arrive, so no Content-Encoding may change them,
+    # and a compressed body could expand beyond any size limit.
     async with aiohttp.ClientSession(
-        timeout=timeout, raise_for_status=False
+        timeout=timeout,
+        raise_for_status=False,
+        auto_decompress=False,
+        headers={"Accept-Encoding": "identity"},
     ) as session:
         envelope = await get_json(session, mirror, manifest_path(version))
         try:
@@ -164,7 +220,7 @@ async def pull_release(
             )
         store = node.store
         missing = _missing_blobs(verified.manifest, store.blobs)
-        total = sum(missing.values())
+        total = sum(entry.size_bytes for entry in missing.values())
         logger.info(
             "pulling %s: %d of %d blobs missing, %d bytes",
             verified.manifest.version,
@@ -181,12 +237,29 @@ async def pull_release(
             session, mirror, store.blobs, progress=bar.update if bar else None
         )
         try:
-            await _fetch_all(fetcher, missing, concurrency)
+            await _fetch_all(
+                fetcher, list(missing.values()), verified.manifest.version, concurrency
+            )
         finally:
             if bar:
                 bar.close()
 
+    try:
+        await asyncio.to_thread(
+            check_release_symlinks, verified.manifest, node.store.blobs
+        )
+    except ManifestError as error:
+        _audit(
+            node,
+            "pull",
+            verified.manifest.version,
+            "rejected",
+            mirror=mirror,
+            reason=str(error),
+        )
+        raise
     await asyncio.to_thread(_record, node, verified, mirror)
+    logger.info("pulled %s from %s", verified.manifest.version, mirror)
     return PullResult(
         verified.manifest.version,
         verified.manifest_hash,
@@ -197,29 +270,31 @@ async def pull_release(
     )
 
 
-def _missing_blobs(manifest: Manifest, blobs) -> dict[str, int]:  # noqa: ANN001
-    missing: dict[str, int] = {}
+def _missing_blobs(manifest: Manifest, blobs) -> dict[str, ReleaseFile]:  # noqa: ANN001
+    """Return the entries whose blobs the store lacks, one per digest."""
+    missing: dict[str, ReleaseFile] = {}
     for entry in manifest.files:
         if entry.sha256_hash not in missing and not blobs.has(entry.sha256_hash):
-            missing[entry.sha256_hash] = entry.size_bytes
+            missing[entry.sha256_hash] = entry
     return missing
 
 
 async def _fetch_all(
-    fetcher: BlobFetcher, missing: dict[str, int], concurrency: int
+    fetcher: BlobFetcher, entries: list[ReleaseFile], version: str, concurrency: int
 ) -> None:
     """Fetch every missing blob, at most ``concurrency`` at once; stop at the first failure."""
-    queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-    for item in sorted(missing.items(), key=lambda pair: -pair[1]):
-        queue.put_nowait(item)
+    queue: asyncio.Queue[ReleaseFile] = asyncio.Queue()
+    for entry in sorted(entries, key=lambda item: -item.size_bytes):
+        queue.put_nowait(entry)
 
     async def worker() -> None:
         while True:
             try:
-                digest, size = queue.get_nowait()
+                entry = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            await fetcher.fetch(digest, size)
+            label = f"{entry.path!r} of version {version}"
+            await fetcher.fetch(entry.sha256_hash, entry.size_bytes, label)
 
     tasks = [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
     try:
@@ -232,23 +307,23 @@ async def _fetch_all(
 
 
 def _record(node: Node, verified: VerifiedEnvelope, mirror: str) -> None:
-    with node.lock():
-        node.store.store_release(verified.body, verified.signature, verified.timestamp)
-        with node.state() as state:
-            state.record_verified(
-                verified.manifest.version,
-                verified.manifest_hash,
-                verified.signer.subject,
-                verified.signer.fingerprint,
-                mirror,
-            )
-            state.audit(
-                "pull",
-                verified.manifest.version,
-                "ok",
-                mirror=mirror,
-                manifest_hash=verified.manifest_hash,
-            )
+    """Store the verified manifest; the caller holds the node's lock."""
+    node.store.store_release(verified.body, verified.signature, verified.timestamp)
+    with node.state() as state:
+        state.record_verified(
+            verified.manifest.version,
+            verified.manifest_hash,
+            verified.signer.subject,
+            verified.signer.fingerprint,
+            mirror,
+        )
+        state.audit(
+            "pull",
+            verified.manifest.version,
+            "ok",
+            mirror=mirror,
+            manifest_hash=verified.manifest_hash,
+        )
 
 
 def _audit(

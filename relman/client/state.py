@@ -72,6 +72,18 @@ class NodeState:
             pk="id",
             if_not_exists=True,
         )
+        self.db["pending_flip"].create(
+            {
+                "id": int,
+                "action": str,
+                "version": str,
+                "previous_version": str,
+                "manifest_hash": str,
+                "at": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
         self.db["audit_log"].create(
             {
                 "id": int,
@@ -118,12 +130,35 @@ class NodeState:
     def record_deployment(
         self, action: str, version: str, previous: str | None, manifest_hash: str
     ) -> str:
-        """Record a flip and return its rollback id, which names the release it replaced."""
-        rollback_id = uuid.uuid4().hex
+        """Record a deployment and return its rollback id, which names the release it replaced."""
         with self.db.conn:
-            self.db["deployments"].insert(
+            return self._insert_deployment(action, version, previous, manifest_hash)
+
+    def _insert_deployment(
+        self, action: str, version: str, previous: str | None, manifest_hash: str
+    ) -> str:
+        rollback_id = uuid.uuid4().hex
+        self.db["deployments"].insert(
+            {
+                "rollback_id": rollback_id,
+                "action": action,
+                "version": version,
+                "previous_version": previous,
+                "manifest_hash": manifest_hash,
+                "at": utc_now(),
+            }
+        )
+        return rollback_id
+
+    def begin_flip(
+        self, action: str, version: str, previous: str | None, manifest_hash: str
+    ) -> None:
+        """Write the journal entry of a flip before any link changes."""
+        with self.db.conn:
+            self.db["pending_flip"].delete_where()
+            self.db["pending_flip"].insert(
                 {
-                    "rollback_id": rollback_id,
+                    "id": 1,
                     "action": action,
                     "version": version,
                     "previous_version": previous,
@@ -131,6 +166,25 @@ class NodeState:
                     "at": utc_now(),
                 }
             )
+
+    def pending_flip(self) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from pending_flip where id = 1"))
+        return rows[0] if rows else None
+
+    def end_flip(self) -> str:
+        """Record the journalled flip as a deployment and clear the journal; return its rollback id."""
+        pending = self.pending_flip()
+        if pending is None:
+            raise RuntimeError("end_flip called without a pending flip")
+        # One transaction: the deployment row appears exactly when the journal clears.
+        with self.db.conn:
+            rollback_id = self._insert_deployment(
+                pending["action"],
+                pending["version"],
+                pending["previous_version"],
+                pending["manifest_hash"],
+            )
+            self.db["pending_flip"].delete_where()
         return rollback_id
 
     def deployment(self, rollback_id: str) -> dict[str, Any] | None:
@@ -148,6 +202,24 @@ class NodeState:
                 [limit],
             )
         )
+
+    def recent_audit(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Return the newest entries of the audit log and the security audit log."""
+        actions = list(
+            self.db.query(
+                "select at, action, version, outcome, detail from audit_log "
+                "order by id desc limit ?",
+                [limit],
+            )
+        )
+        checks = list(
+            self.db.query(
+                "select at, object, outcome, reason, signer_fingerprint "
+                "from security_audit order by id desc limit ?",
+                [limit],
+            )
+        )
+        return sorted(actions + checks, key=lambda row: row["at"], reverse=True)[:limit]
 
     def audit(
         self, action: str, version: str | None, outcome: str, **detail: Any

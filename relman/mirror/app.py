@@ -99,7 +99,7 @@ async def start_mirror(
         await runner.cleanup()
         raise InputError(
             f"cannot listen on {host} port {port}: {error.strerror or error}. "
-            "Choose another port, or port 0 for a free one"
+            "Check --host, and choose another --port or 0 for a free one"
         ) from error
 
     bound_port = runner.addresses[0][1]
