@@ -38,7 +38,7 @@ from pyhanko_certvalidator.policy_decl import (
 
 from relman.cas.errors import SignatureError
 from relman.cas.policy import TrustPolicy
-from relman.cas.revocation import RevocationInfo, add_ocsp_response
+from relman.cas.revocation import OcspStatus, RevocationInfo, query_ocsp
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,12 @@ def validate_chain(
 
     checks = policy is not None and policy.checks_revocation
     notes: list[str] = []
+    ocsp_status = None
     if checks and policy.ocsp and len(path) > 1:
-        add_ocsp_response(info, leaf, path[1], policy)
-    rules = _revocation_rules(path, info, policy, notes) if checks else None
+        ocsp_status = query_ocsp(info, leaf, path[1], policy)
+    rules = (
+        _revocation_rules(path, info, policy, ocsp_status, notes) if checks else None
+    )
 
     context = ValidationContext(
         trust_roots=[_to_asn1(root) for root in roots],
@@ -125,7 +128,6 @@ def validate_chain(
         moment=moment,
         allow_fetching=False,
         crls=[crl.public_bytes(serialization.Encoding.DER) for crl in info.crls],
-        ocsps=info.ocsp_responses,
         revinfo_policy=CertRevTrustPolicy(
             rules
             or RevocationCheckingPolicy(
@@ -153,8 +155,7 @@ def validate_chain(
         raise SignatureError(_revoked_message(path, info, error)) from error
     except InsufficientRevinfoError as error:
         raise SignatureError(
-            f"revocation status of {subject} could not be obtained ({'; '.join(info.problems) or error}); "
-            'the trust policy requires it (revocation = "hard-fail")'
+            f"revocation status on the path of {subject} could not be checked: {error}"
         ) from error
     except ExpiredError as error:
         raise SignatureError(_validity_message(path, moment, expired=True)) from error
@@ -172,6 +173,14 @@ def validate_chain(
         raise SignatureError(
             f"certificate chain of {subject} is invalid: {error}"
         ) from error
+    if (
+        ocsp_status is not None
+        and not ocsp_status.good
+        and ocsp_status.revoked_at <= moment
+    ):
+        raise SignatureError(
+            _format_revoked(leaf, ocsp_status.revoked_at, ocsp_status.reason)
+        )
     return ValidatedChain(tuple(path), rules is not None, tuple(notes))
 
 
@@ -229,27 +238,50 @@ def _revocation_rules(
     path: list[x509.Certificate],
     info: RevocationInfo,
     policy: TrustPolicy,
+    ocsp_status: OcspStatus | None,
     notes: list[str],
 ) -> RevocationCheckingPolicy:
-    """Require revocation data where it was obtained; elsewhere as soft or hard fail says."""
-    leaf_known = len(path) > 1 and (
-        info.has_crl_from(path[1]) or bool(info.ocsp_responses)
-    )
+    """Choose what the validator must check, from what was obtained and the policy.
+
+    A certificate whose issuer's CRL was obtained must pass that CRL. The leaf
+    may instead have a verified OCSP answer, which ``validate_chain`` applies.
+    Where neither was obtained, hard fail rejects here and soft fail notes it.
+    """
+    subject = subject_of(path[0])
+    leaf_crl = len(path) > 1 and info.has_crl_from(path[1])
+    if not leaf_crl and ocsp_status is None:
+        _unknown(f"revocation status of {subject} could not be obtained", info, policy)
+        notes.append(f"revocation status of {subject} unknown (soft fail)")
+
     authorities = path[1:-1]
     authorities_known = all(
         info.has_crl_from(path[index + 1]) for index in range(1, len(path) - 1)
     )
-    required = RevocationCheckingRule.CRL_OR_OCSP_REQUIRED
-    skipped = RevocationCheckingRule.NO_CHECK
-    leaf_rule = required if leaf_known or policy.hard_fail else skipped
-    authority_rule = required if authorities_known or policy.hard_fail else skipped
-    if leaf_rule is skipped:
-        notes.append(f"revocation status of {subject_of(path[0])} unknown (soft fail)")
-    if authorities and authority_rule is skipped:
+    if authorities and not authorities_known:
+        _unknown(
+            "revocation status of an intermediate CA could not be obtained",
+            info,
+            policy,
+        )
         notes.append("revocation status of intermediate CAs unknown (soft fail)")
     for note in notes:
         logger.warning("%s", note)
-    return RevocationCheckingPolicy(leaf_rule, authority_rule)
+
+    required = RevocationCheckingRule.CRL_REQUIRED
+    skipped = RevocationCheckingRule.NO_CHECK
+    return RevocationCheckingPolicy(
+        required if leaf_crl else skipped,
+        required if authorities and authorities_known else skipped,
+    )
+
+
+def _unknown(what: str, info: RevocationInfo, policy: TrustPolicy) -> None:
+    """Raise SignatureError under hard fail; under soft fail the caller notes it."""
+    if policy.hard_fail:
+        problems = "; ".join(info.problems) or "no CRL or OCSP answer covers it"
+        raise SignatureError(
+            f'{what} ({problems}); the trust policy requires it (revocation = "hard-fail")'
+        )
 
 
 def _revoked_message(

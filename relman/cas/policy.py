@@ -101,7 +101,32 @@ def certificate_fingerprint(certificate: x509.Certificate) -> str:
 
 def policy_from_roots(path: str | Path) -> TrustPolicy:
     """Return the policy that ``--trust CA.pem`` stands for: those roots, nothing else."""
-    return TrustPolicy(roots=tuple(load_certificates(path)), source=str(path))
+    roots = tuple(load_certificates(path))
+    _require_authorities(roots, str(path))
+    return TrustPolicy(roots=roots, source=str(path))
+
+
+def _require_authorities(
+    certificates: tuple[x509.Certificate, ...], source: str
+) -> None:
+    """Raise InputError for a trust anchor that is not a CA certificate.
+
+    Trusting an end-entity certificate as a root would accept it for any
+    purpose; pinned_fingerprints is the way to accept one signer.
+    """
+    for certificate in certificates:
+        try:
+            is_ca = certificate.extensions.get_extension_for_class(
+                x509.BasicConstraints
+            ).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise InputError(
+                f"{certificate.subject.rfc4514_string()} in {source!r} is not a CA certificate "
+                "(basicConstraints cA is not set); trust the CA that issued it, and pin "
+                "the signer with pinned_fingerprints in a trust policy if needed"
+            )
 
 
 def load_policy(path: str | Path) -> TrustPolicy:
@@ -126,6 +151,7 @@ def load_policy(path: str | Path) -> TrustPolicy:
 
     folder = policy_path.parent
     roots = _load_all(folder, data.get("roots", []), "roots", str(path))
+    _require_authorities(roots, str(path))
     if not roots:
         raise InputError(
             f'trust policy {str(path)!r} names no roots; add roots = ["ca.pem"]'

@@ -1,8 +1,10 @@
-"""Revocation information: CRLs from files and URLs, OCSP responses from responders.
+"""Revocation information: CRLs from files and URLs, OCSP answers from responders.
 
-This module only gathers the bytes; relman.cas.chain hands them to the path
-validator, which checks their signatures, their validity and the status of
-each certificate. Sources that cannot be read are collected as problems, so
+CRLs are only gathered here; relman.cas.chain hands them to the path
+validator, which checks their signatures and validity. OCSP responses are
+checked here (``check_ocsp_response``), because the validator uses OCSP only
+for certificates that name a responder themselves, while a trust policy may
+name one for all. Sources that cannot be read are collected as problems, so
 the policy can decide between soft fail and hard fail.
 """
 
@@ -13,17 +15,33 @@ import logging
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import AuthorityInformationAccessOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from relman.cas.policy import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+# Clock skew allowed between this machine and an OCSP responder.
+OCSP_CLOCK_SKEW = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class OcspStatus:
+    """A verified OCSP answer about one certificate."""
+
+    good: bool
+    revoked_at: datetime | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -87,16 +105,17 @@ def gather_crls(policy: TrustPolicy) -> RevocationInfo:
     return info
 
 
-def add_ocsp_response(
+def query_ocsp(
     info: RevocationInfo,
     certificate: x509.Certificate,
     issuer: x509.Certificate,
     policy: TrustPolicy,
-) -> None:
-    """Ask the OCSP responder about ``certificate`` and keep the response.
+) -> OcspStatus | None:
+    """Ask the OCSP responder about ``certificate``; return its verified answer.
 
     The responder is the policy's ``ocsp_url`` or else the certificate's
-    authority information access extension.
+    authority information access extension. Returns None, with the reason in
+    ``info.problems``, when no usable answer was obtained.
     """
     url = policy.ocsp_url or _responder_url(certificate)
     subject = certificate.subject.rfc4514_string()
@@ -104,7 +123,7 @@ def add_ocsp_response(
         info.problems.append(
             f"no OCSP responder is known for {subject}; set ocsp_url in the trust policy"
         )
-        return
+        return None
     request = (
         ocsp.OCSPRequestBuilder()
         .add_certificate(certificate, issuer, hashes.SHA1())
@@ -117,13 +136,154 @@ def add_ocsp_response(
         response = ocsp.load_der_ocsp_response(data)
     except (OSError, ValueError) as error:
         info.problems.append(f"OCSP responder {url} failed for {subject}: {error}")
-        return
+        return None
     if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         info.problems.append(
             f"OCSP responder {url} answered {response.response_status.name} for {subject}"
         )
-        return
+        return None
+    try:
+        status = check_ocsp_response(response, certificate, issuer)
+    except ValueError as error:
+        info.problems.append(
+            f"OCSP response from {url} for {subject} is not acceptable: {error}"
+        )
+        return None
+    if status is None:
+        info.problems.append(f"OCSP responder {url} does not know {subject}")
     info.ocsp_responses.append(data)
+    return status
+
+
+def check_ocsp_response(
+    response: ocsp.OCSPResponse, certificate: x509.Certificate, issuer: x509.Certificate
+) -> OcspStatus | None:
+    """Verify an OCSP response about ``certificate`` (RFC 6960) and return its status.
+
+    The response must be signed by ``issuer`` or by a responder certificate
+    that ``issuer`` issued with the OCSPSigning usage, must name the
+    certificate, and must be current. Returns None for the status "unknown".
+
+    Raises:
+        ValueError: any of those checks fails.
+    """
+    responder = _responder_certificate(response, issuer)
+    _verify_response_signature(response, responder)
+
+    single = next(
+        (
+            item
+            for item in response.responses
+            if item.serial_number == certificate.serial_number
+        ),
+        None,
+    )
+    if single is None:
+        raise ValueError(
+            f"it does not answer for serial number {certificate.serial_number:x}"
+        )
+    expected_issuer = hashes.Hash(single.hash_algorithm)
+    expected_issuer.update(issuer.subject.public_bytes())
+    if single.issuer_name_hash != expected_issuer.finalize():
+        raise ValueError("it answers for a certificate of another issuer")
+
+    now = datetime.now(UTC)
+    if single.this_update_utc > now + OCSP_CLOCK_SKEW:
+        raise ValueError(
+            f"its thisUpdate {single.this_update_utc:%Y-%m-%d %H:%M} lies in the future"
+        )
+    if (
+        single.next_update_utc is not None
+        and single.next_update_utc < now - OCSP_CLOCK_SKEW
+    ):
+        raise ValueError(
+            f"it expired at its nextUpdate {single.next_update_utc:%Y-%m-%d %H:%M}"
+        )
+
+    if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
+        return OcspStatus(good=True)
+    if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+        reason = (
+            single.revocation_reason.value
+            if single.revocation_reason
+            else "unspecified"
+        )
+        return OcspStatus(
+            good=False, revoked_at=single.revocation_time_utc, reason=reason
+        )
+    return None
+
+
+def _responder_certificate(
+    response: ocsp.OCSPResponse, issuer: x509.Certificate
+) -> x509.Certificate:
+    if _names_responder(response, issuer):
+        return issuer
+    for candidate in response.certificates:
+        if not _names_responder(response, candidate):
+            continue
+        if candidate.issuer != issuer.subject:
+            raise ValueError(
+                "its responder certificate was not issued by the certificate's issuer"
+            )
+        candidate.verify_directly_issued_by(issuer)
+        try:
+            usage = candidate.extensions.get_extension_for_class(
+                x509.ExtendedKeyUsage
+            ).value
+        except x509.ExtensionNotFound:
+            usage = []
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in usage:
+            raise ValueError(
+                "its responder certificate lacks the OCSPSigning extended key usage"
+            )
+        now = datetime.now(UTC)
+        if not candidate.not_valid_before_utc <= now <= candidate.not_valid_after_utc:
+            raise ValueError("its responder certificate is not valid now")
+        return candidate
+    raise ValueError(
+        "it is signed by a responder that is neither the issuer nor delegated by it"
+    )
+
+
+def _names_responder(
+    response: ocsp.OCSPResponse, certificate: x509.Certificate
+) -> bool:
+    if response.responder_name is not None:
+        return response.responder_name == certificate.subject
+    key_hash = x509.SubjectKeyIdentifier.from_public_key(
+        certificate.public_key()
+    ).digest
+    return response.responder_key_hash == key_hash
+
+
+def _verify_response_signature(
+    response: ocsp.OCSPResponse, responder: x509.Certificate
+) -> None:
+    key = responder.public_key()
+    algorithm = response.signature_hash_algorithm
+    if algorithm is None or algorithm.name in ("md5", "sha1"):
+        raise ValueError(
+            f"it is signed with a weak or unknown digest {getattr(algorithm, 'name', None)}"
+        )
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(
+                response.signature,
+                response.tbs_response_bytes,
+                padding.PKCS1v15(),
+                algorithm,
+            )
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(
+                response.signature, response.tbs_response_bytes, ec.ECDSA(algorithm)
+            )
+        else:
+            raise ValueError(
+                f"its responder key type {type(key).__name__} is not supported"
+            )
+    except InvalidSignature as error:
+        raise ValueError("its signature does not verify") from error
 
 
 def _responder_url(certificate: x509.Certificate) -> str | None:
@@ -143,7 +303,11 @@ def _http(url: str, body: bytes | None, timeout: float) -> bytes:
     """GET ``url``, or POST an OCSP request to it; raise OSError on any failure."""
     if not url.startswith(("http://", "https://")):
         raise OSError(f"unsupported URL scheme in {url!r}; use http:// or https://")
-    headers = {"Content-Type": "application/ocsp-request"} if body is not None else {}
+    # "Connection: close" because some responders (openssl ocsp, for one)
+    # answer only once the client signals the end of its request.
+    headers = {"Connection": "close"}
+    if body is not None:
+        headers["Content-Type"] = "application/ocsp-request"
     request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -183,6 +183,7 @@ def _run_status(arguments: argparse.Namespace) -> int:
     node = Node.open(arguments.root)
     with node.state() as state:
         deployments = state.deployments(limit=10)
+        recent = state.recent_audit(limit=10)
     result = {
         "root": str(Path(arguments.root)),
         "current": node.link_version(node.current),
@@ -190,6 +191,7 @@ def _run_status(arguments: argparse.Namespace) -> int:
         "releases": node.deployed_versions(),
         "pulled": node.store.versions(),
         "deployments": deployments,
+        "audit": recent,
     }
     lines = [
         f"current:  {result['current'] or 'none'}",
@@ -204,5 +206,11 @@ def _run_status(arguments: argparse.Namespace) -> int:
                 f"  {row['at']}  {row['action']:<8} {row['version']:<12} "
                 f"from {row['previous_version'] or 'none':<12} rollback id {row['rollback_id']}"
             )
+    if recent:
+        lines.append("recent audit entries (newest first):")
+        for row in recent:
+            subject = row.get("action") or row.get("object")
+            reason = row.get("reason") or row.get("detail") or ""
+            lines.append(f"  {row['at']}  {subject:<8} {row['outcome']:<9} {reason}")
     emit(result, "\n".join(lines), arguments.json)
     return 0
