@@ -127,7 +127,7 @@ def load_timestamp(data: bytes) -> TimeStampResponse:
         return decode_timestamp_response(wrapped.dump())
     except ValueError as error:
         raise SignatureError(
-            f"timestamp is neither a TimeStampResp nor a TimeStampToken: {error}"
+            f"timestamp is neither a TimeStampResp nor a TimeStampToken: {_first_line(error)}"
         ) from error
 
 
@@ -217,3 +217,8 @@ def _authority_certificate(response: TimeStampResponse) -> x509.Certificate:
         "timestamp token does not include the TSA certificate; request it with "
         "certReq (relman does) or configure the TSA certificate as an intermediate"
     )
+
+
+def _first_line(error: Exception) -> str:
+    # asn1crypto appends "while parsing ..." lines; the first line names the problem.
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -345,6 +345,14 @@ class BlobFetcher:
                 self.stats.bytes_received += len(chunk)
                 if self.progress:
                     self.progress(len(chunk))
+        if written < size and response.content_length == written - offset:
+            # The response ended where its Content-Length said: the mirror's
+            # blob itself is short, and asking again would not help.
+            partial.discard()
+            raise IntegrityError(
+                f"mirror sent {written} of the declared {size} bytes for {url} as a "
+                "complete response; the blob on the mirror is corrupt"
+            )
         if written < size:
             raise aiohttp.ClientPayloadError(
                 f"connection closed after {written} of {size} bytes"

@@ -24,6 +24,8 @@ from relman.client.state import NodeState
 
 logger = logging.getLogger(__name__)
 
+# Folders that relman builds under releases/ start with a dot, and a version
+# never does, so a half-built folder is never mistaken for a release.
 STAGING_MARK = ".staging-"
 
 
@@ -39,10 +41,7 @@ class Node:
     @classmethod
     def open(cls, root: str | Path, create: bool = False) -> Node:
         node = cls(root)
-        if node.root.exists() and not node.root.is_dir():
-            raise InputError(
-                f"node root {str(node.root)!r} is not a folder; pass a folder for --root"
-            )
+        node._check_root()
         if create:
             node.releases.mkdir(parents=True, exist_ok=True)
             Repository.create(node.root / "store")
@@ -52,6 +51,12 @@ class Node:
                 f"run `relman pull --mirror URL --root {node.root} --trust CA.pem` first"
             )
         return node
+
+    def _check_root(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(
+                f"node root {str(self.root)!r} is not a folder; pass a folder for --root"
+            )
 
     @property
     def store(self) -> Repository:
@@ -63,6 +68,7 @@ class Node:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the node's exclusive lock; a second writer waits for the first."""
+        self._check_root()
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a+b") as stream:
             fcntl.flock(stream.fileno(), fcntl.LOCK_EX)
@@ -79,7 +85,7 @@ class Node:
         """
         if self.releases.is_dir():
             for name in os.listdir(self.releases):
-                if STAGING_MARK in name:
+                if name.startswith("."):
                     logger.info("removing half-built release folder %s", name)
                     remove_tree(self.releases / name)
         for name in os.listdir(self.root):
@@ -103,7 +109,7 @@ class Node:
         if not self.releases.is_dir():
             return []
         return sorted(
-            name for name in os.listdir(self.releases) if STAGING_MARK not in name
+            name for name in os.listdir(self.releases) if not name.startswith(".")
         )
 
 

@@ -164,11 +164,12 @@ async def pull_release(
     """Fetch the manifest of ``version`` (default: the latest) and the blobs the node lacks."""
     started = time.monotonic()
     check_mirror_url(mirror)
-    node = Node.open(root, create=True)
-    lock = node.lock()
+    lock = Node(root).lock()
     # Waiting for another pull, apply or rollback blocks, so it runs in a thread.
     await asyncio.to_thread(lock.__enter__)
     try:
+        # Created under the lock, so a second pull never sees a half-made store.
+        node = Node.open(root, create=True)
         return await _pull_locked(
             node, mirror, policy, version, concurrency, progress_factory, started
         )
