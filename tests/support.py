@@ -78,8 +78,19 @@ class Published:
 
 
 def publish_version(
-    work: Path, pki: Path, repo: Path, version: str, tree: Path
+    work: Path,
+    pki: Path,
+    repo: Path,
+    version: str,
+    tree: Path,
+    key: Path | None = None,
+    cert: Path | None = None,
+    trust: Path | None = None,
 ) -> Path:
+    """Generate, sign and publish ``tree`` as ``version``; return the manifest path.
+
+    The signer and trust roots default to the ``relman pki init`` files in ``pki``.
+    """
     manifest = work / f"manifest-{version}.json"
     relman(
         "generate", "--version", version, "--release-dir", tree, "--output", manifest
@@ -89,9 +100,9 @@ def publish_version(
         "--manifest",
         manifest,
         "--key",
-        pki / "signer.key",
+        key or pki / "signer.key",
         "--cert",
-        pki / "signer.pem",
+        cert or pki / "signer.pem",
     )
     relman(
         "publish",
@@ -102,7 +113,7 @@ def publish_version(
         "--release-dir",
         tree,
         "--trust",
-        pki / "ca.pem",
+        trust or pki / "ca.pem",
     )
     return manifest
 

@@ -30,7 +30,7 @@ from tests.pkitools import (
     TestPki,
     resign_token,
 )
-from tests.support import MirrorProcess, make_release_tree, relman
+from tests.support import MirrorProcess, make_release_tree, publish_version, relman
 from tests.trust_servers import OcspResponder, TimestampAuthority
 
 DAY = dt.timedelta(days=1)
@@ -845,25 +845,25 @@ def test_file_signature_openssl_verifies(pki: dict, signed_files_repo: dict) -> 
     assert result.returncode == 0, result.stderr
 
 
-def test_pull_rejects_revoked_signer(pki: dict, tmp_path: Path) -> None:
+def publish_with(tmp_path: Path, pki: dict, version: str, signer) -> Path:  # noqa: ANN001
+    """Publish a small release signed by ``signer`` into tmp_path/repo."""
     tree = make_release_tree(tmp_path / "tree", big_size=2048)
-    manifest = tmp_path / "manifest.json"
-    relman(
-        "generate", "--version", "5.0.0", "--release-dir", tree, "--output", manifest
-    )
-    sign(manifest, pki["revoked"])
     repo = tmp_path / "repo"
-    relman(
-        "publish",
-        "--repo",
+    publish_version(
+        tmp_path,
+        pki["folder"],
         repo,
-        "--manifest",
-        manifest,
-        "--release-dir",
+        version,
         tree,
-        "--trust",
-        pki["root"].cert_path,
+        key=signer.key_path,
+        cert=signer.cert_path,
+        trust=pki["root"].cert_path,
     )
+    return repo
+
+
+def test_pull_rejects_revoked_signer(pki: dict, tmp_path: Path) -> None:
+    repo = publish_with(tmp_path, pki, "5.0.0", pki["revoked"])
     policy = write_policy(
         tmp_path,
         roots=[pki["root"].cert_path],
@@ -897,24 +897,7 @@ def test_pull_rejects_revoked_signer(pki: dict, tmp_path: Path) -> None:
 
 
 def test_pull_uses_signature_cache(pki: dict, tmp_path: Path) -> None:
-    tree = make_release_tree(tmp_path / "tree", big_size=2048)
-    manifest = tmp_path / "manifest.json"
-    relman(
-        "generate", "--version", "6.0.0", "--release-dir", tree, "--output", manifest
-    )
-    sign(manifest, pki["signer"])
-    repo = tmp_path / "repo"
-    relman(
-        "publish",
-        "--repo",
-        repo,
-        "--manifest",
-        manifest,
-        "--release-dir",
-        tree,
-        "--trust",
-        pki["root"].cert_path,
-    )
+    repo = publish_with(tmp_path, pki, "6.0.0", pki["signer"])
     crl = tmp_path / "intermediate.crl"
     shutil.copy(pki["crl_empty"], crl)
     policy = write_policy(
@@ -925,14 +908,12 @@ def test_pull_uses_signature_cache(pki: dict, tmp_path: Path) -> None:
     try:
         relman("pull", "--mirror", server.url, "--root", root, "--trust-policy", policy)
         relman("pull", "--mirror", server.url, "--root", root, "--trust-policy", policy)
-        pki["issuer"].crl(
+        revoked_crl = pki["issuer"].crl(
             pki["intermediate"],
             [(pki["signer"], NOW - DAY, x509.ReasonFlags.superseded)],
-            name=str(crl.relative_to(pki["folder"]))
-            if crl.is_relative_to(pki["folder"])
-            else "signer-revoked.crl",
+            name="signer-revoked.crl",
         )
-        shutil.copy(pki["folder"] / "signer-revoked.crl", crl)
+        shutil.copy(revoked_crl, crl)
         third = relman(
             "pull",
             "--mirror",

@@ -33,7 +33,7 @@ ess_cert_id_alg = sha256
 
 
 class TimestampAuthority:
-    """``openssl ts -reply`` answering POSTs of timestamp queries on a free port."""
+    """``openssl ts -reply`` serving POSTs of timestamp queries on a free port."""
 
     def __init__(self, folder: Path, certificate: Path, key: Path):
         self.folder = folder

@@ -43,5 +43,5 @@ class AuditFile:
             with os.fdopen(descriptor, "a", encoding="utf-8") as stream:
                 stream.write(line)
         except OSError as error:
-            # The verification result stands; losing its audit record is logged loudly.
+            # The verification result is kept; a lost audit record is logged as an error.
             logger.error("cannot append to audit log %s: %s", self.path, error)

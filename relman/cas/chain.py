@@ -2,10 +2,9 @@
 
 pyhanko-certvalidator builds and validates the path: validity periods,
 basic constraints, key usage, name chaining, signatures along the path, and
-the CRLs and OCSP responses it is given. relman adds the usage a role needs
-(a code signer: digitalSignature and codeSigning; a timestamp authority:
-timeStamping) and turns every refusal into one line that names the check and
-the certificate.
+the CRLs and OCSP responses it is given. relman adds the usage each role needs. A code signer needs digitalSignature and
+codeSigning, a timestamp authority timeStamping. relman also turns every
+refusal into one line that names the check and the certificate.
 """
 
 from __future__ import annotations
@@ -244,7 +243,7 @@ def _revocation_rules(
     """Choose what the validator must check, from what was obtained and the policy.
 
     A certificate whose issuer's CRL was obtained must pass that CRL. The leaf
-    may instead have a verified OCSP answer, which ``validate_chain`` applies.
+    may instead have a verified OCSP response, which ``validate_chain`` applies.
     Where neither was obtained, hard fail rejects here and soft fail notes it.
     """
     subject = subject_of(path[0])
@@ -278,7 +277,7 @@ def _revocation_rules(
 def _unknown(what: str, info: RevocationInfo, policy: TrustPolicy) -> None:
     """Raise SignatureError under hard fail; under soft fail the caller notes it."""
     if policy.hard_fail:
-        problems = "; ".join(info.problems) or "no CRL or OCSP answer covers it"
+        problems = "; ".join(info.problems) or "no CRL or OCSP response covers it"
         raise SignatureError(
             f'{what} ({problems}); the trust policy requires it (revocation = "hard-fail")'
         )

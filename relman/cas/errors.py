@@ -51,5 +51,5 @@ class ManifestError(VerificationError):
     """A manifest is malformed, or names a path that is not safe to deploy.
 
     It counts as a verification failure: a signed manifest that fails these
-    checks must not be deployed, whoever signed it.
+    checks must not be deployed, even when its signer is trusted.
     """

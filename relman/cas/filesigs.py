@@ -5,8 +5,8 @@ bytes. Because the manifest's SHA-256 of each file is checked against the
 blob, the signature is checked against that digest and no file is read again.
 
 Who may sign a file: with a trust policy, any signer whose chain the policy
-accepts; without one, only the signer of the manifest itself, whose chain
-was checked when the manifest was pulled.
+accepts. Without one, only the signer of the manifest itself, because its
+chain was checked when the manifest was pulled.
 """
 
 from __future__ import annotations

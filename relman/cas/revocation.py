@@ -1,4 +1,4 @@
-"""Revocation information: CRLs from files and URLs, OCSP answers from responders.
+"""Revocation information: CRLs from files and URLs, OCSP responses from responders.
 
 CRLs are only gathered here; relman.cas.chain hands them to the path
 validator, which checks their signatures and validity. OCSP responses are
@@ -37,7 +37,7 @@ OCSP_CLOCK_SKEW = timedelta(minutes=5)
 
 @dataclass(frozen=True)
 class OcspStatus:
-    """A verified OCSP answer about one certificate."""
+    """A verified OCSP response about one certificate."""
 
     good: bool
     revoked_at: datetime | None = None
@@ -111,11 +111,11 @@ def query_ocsp(
     issuer: x509.Certificate,
     policy: TrustPolicy,
 ) -> OcspStatus | None:
-    """Ask the OCSP responder about ``certificate``; return its verified answer.
+    """Ask the OCSP responder about ``certificate``; return its verified status.
 
     The responder is the policy's ``ocsp_url`` or else the certificate's
     authority information access extension. Returns None, with the reason in
-    ``info.problems``, when no usable answer was obtained.
+    ``info.problems``, when no usable response was obtained.
     """
     url = policy.ocsp_url or _responder_url(certificate)
     subject = certificate.subject.rfc4514_string()
@@ -139,7 +139,7 @@ def query_ocsp(
         return None
     if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         info.problems.append(
-            f"OCSP responder {url} answered {response.response_status.name} for {subject}"
+            f"OCSP responder {url} returned {response.response_status.name} for {subject}"
         )
         return None
     try:
@@ -180,12 +180,12 @@ def check_ocsp_response(
     )
     if single is None:
         raise ValueError(
-            f"it does not answer for serial number {certificate.serial_number:x}"
+            f"it contains no status for serial number {certificate.serial_number:x}"
         )
     expected_issuer = hashes.Hash(single.hash_algorithm)
     expected_issuer.update(issuer.subject.public_bytes())
     if single.issuer_name_hash != expected_issuer.finalize():
-        raise ValueError("it answers for a certificate of another issuer")
+        raise ValueError("it gives the status of a certificate of another issuer")
 
     now = datetime.now(UTC)
     if single.this_update_utc > now + OCSP_CLOCK_SKEW:
@@ -304,7 +304,7 @@ def _http(url: str, body: bytes | None, timeout: float) -> bytes:
     if not url.startswith(("http://", "https://")):
         raise OSError(f"unsupported URL scheme in {url!r}; use http:// or https://")
     # "Connection: close" because some responders (openssl ocsp, for one)
-    # answer only once the client signals the end of its request.
+    # respond only once the client signals the end of its request.
     headers = {"Connection": "close"}
     if body is not None:
         headers["Content-Type"] = "application/ocsp-request"

@@ -59,11 +59,11 @@ class VerifiedTimestamp:
 def request_timestamp(signature_value: bytes, url: str, timeout: float = 30) -> bytes:
     """Ask the TSA at ``url`` for a token over ``signature_value``; return the TimeStampResp.
 
-    The request carries a random nonce and asks for the TSA certificate. The
+    The request carries a random nonce and requests the TSA certificate. The
     response must be granted, echo the nonce, and cover ``signature_value``.
 
     Raises:
-        FetchError: the TSA cannot be reached or does not answer with a response.
+        FetchError: the TSA cannot be reached or does not return a response.
         SignatureError: the response is rejected, or its nonce or imprint differ.
     """
     request = (

@@ -14,7 +14,7 @@
 Every result, success or failure, is passed to the ``audit`` callback with
 the signer's fingerprint and the reason. Results are cached by (hash of the
 signed bytes, hash of signature and timestamp, hash of policy and CRLs);
-with OCSP on, the cache is not used, because a responder's answer may
+with OCSP on, the cache is not used, because a responder's status may
 change at any time.
 """
 
@@ -86,7 +86,7 @@ class SignatureCache:
 
 @dataclass
 class _Attempt:
-    """What one verification found so far, for the audit record."""
+    """Facts one verification has found so far, for the audit record."""
 
     what: str
     content_hash: str

@@ -333,7 +333,7 @@ def _ensure_tree(node: Node, manifest: Manifest, blobs: BlobStore) -> bool:
         raise
     fsync_dir(node.releases)
     if stale:
-        # After the exchange, the staging name holds the old tree.
+        # After the exchange, the staging name points to the old tree.
         remove_tree(staging)
     return False
 

@@ -346,8 +346,8 @@ class BlobFetcher:
                 if self.progress:
                     self.progress(len(chunk))
         if written < size and response.content_length == written - offset:
-            # The response ended where its Content-Length said: the mirror's
-            # blob itself is short, and asking again would not help.
+            # The response ended at its Content-Length, so the mirror's blob
+            # itself is short, and another request would not help.
             partial.discard()
             raise IntegrityError(
                 f"mirror sent {written} of the declared {size} bytes for {url} as a "

@@ -168,7 +168,7 @@ async def pull_release(
     # Waiting for another pull, apply or rollback blocks, so it runs in a thread.
     await asyncio.to_thread(lock.__enter__)
     try:
-        # Created under the lock, so a second pull never sees a half-made store.
+        # Created under the lock, so a second pull never finds a half-made store.
         node = Node.open(root, create=True)
         return await _pull_locked(
             node, mirror, policy, version, concurrency, progress_factory, started
