@@ -163,6 +163,9 @@ def published(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Published:
     links = repo / "objects" / "sha256" / "ff"
     links.mkdir(exist_ok=True)
     os.symlink(outside, links / ("f" * 62))
+    (repo / "crls").mkdir()
+    (repo / "crls" / "root.crl").write_bytes(b"a certificate revocation list")
+    (repo / "crls" / "notes.txt").write_bytes(b"not a CRL")
     os.symlink("../../../index.sqlite", links / ("e" * 62))
     return Published(repo, pki, files)
 
@@ -716,3 +719,19 @@ def test_start_mirror_in_process(published: Published) -> None:
 def test_start_mirror_not_repository(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=re.escape(str(tmp_path))):
         asyncio.run(fetch_in_process(tmp_path, "/healthz"))
+
+
+def test_crl_served_without_caching(server: Server) -> None:
+    reply = server.request("/crls/root.crl")
+    assert reply.status == 200
+    assert reply.body == b"a certificate revocation list"
+    assert reply.headers["Cache-Control"] == "no-cache"
+    assert reply.headers["ETag"] == f'"{sha256(reply.body)}"'
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/crls/notes.txt", "/crls/.root.crl", "/crls/../index.sqlite", "/crls/a/root.crl"],
+)
+def test_crl_folder_serves_only_crls(server: Server, path: str) -> None:
+    assert server.request(path).status == 404

@@ -268,42 +268,83 @@ def test_soft_fail_without_crl(pki: dict, manifest: Path, tmp_path: Path) -> Non
     ]
 
 
-def test_crl_fetched_from_mirror_url(pki: dict, manifest: Path, tmp_path: Path) -> None:
-    sign(manifest, pki["revoked"])
-    served = tmp_path / "crl-server"
-    served.mkdir()
-    shutil.copy(pki["crl"], served / "intermediate.crl")
-    shutil.copy(pki["root_crl"], served / "root.crl")
-    server = subprocess.Popen(
-        [
-            "python3",
-            "-m",
-            "http.server",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            served,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+def test_crl_fetched_from_mirror_url(pki: dict, tmp_path: Path) -> None:
+    repo = publish_with(tmp_path, pki, "5.1.0", pki["revoked"])
+    (repo / "crls").mkdir()
+    shutil.copy(pki["crl"], repo / "crls" / "intermediate.crl")
+    shutil.copy(pki["root_crl"], repo / "crls" / "root.crl")
+    server = MirrorProcess(repo)
     try:
-        port = int(server.stdout.readline().split("port ")[1].split(" ")[0])
-        base = f"http://127.0.0.1:{port}"
         policy = write_policy(
             tmp_path,
             roots=[pki["root"].cert_path],
-            crl_urls=[f"{base}/intermediate.crl", f"{base}/root.crl"],
+            crl_urls=[
+                f"{server.url}/crls/intermediate.crl",
+                f"{server.url}/crls/root.crl",
+            ],
             revocation="hard-fail",
         )
+        manifest = repo / "manifests" / "5.1.0" / "manifest.json"
         result = verify(manifest, "--trust-policy", policy)
+        pulled = relman(
+            "pull",
+            "--mirror",
+            server.url,
+            "--root",
+            tmp_path / "node",
+            "--trust-policy",
+            policy,
+            check=False,
+        )
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     assert result.returncode == 3
-    assert "was revoked on" in error_line(result)
+    assert "CN=revoked,O=relman test PKI was revoked on" in error_line(result)
+    assert pulled.returncode == 3
+    assert "CN=revoked,O=relman test PKI was revoked on" in error_line(pulled)
+
+
+def test_pull_keeps_verified_timestamp(pki: dict, tmp_path: Path, tsa) -> None:  # noqa: ANN001
+    tree = make_release_tree(tmp_path / "tree", big_size=2048)
+    manifest = tmp_path / "manifest.json"
+    relman(
+        "generate", "--version", "7.0.0", "--release-dir", tree, "--output", manifest
+    )
+    sign(manifest, pki["signer"], "--tsa-url", tsa.url)
+    repo = tmp_path / "repo"
+    relman(
+        "publish",
+        "--repo",
+        repo,
+        "--manifest",
+        manifest,
+        "--release-dir",
+        tree,
+        "--trust-policy",
+        timestamp_policy(tmp_path, pki),
+    )
+    root = tmp_path / "node"
+    server = MirrorProcess(repo)
+    try:
+        relman(
+            "pull",
+            "--mirror",
+            server.url,
+            "--root",
+            root,
+            "--trust-policy",
+            timestamp_policy(tmp_path, pki),
+        )
+    finally:
+        server.stop()
+    stored = root / "store" / "manifests" / "7.0.0" / "manifest.json.tsr"
+    status = json.loads(relman("status", "--root", root, "--json").stdout)
+    checks = [row for row in status["audit"] if "object" in row]
+    assert (repo / "manifests" / "7.0.0" / "manifest.json.tsr").read_bytes() == Path(
+        f"{manifest}.tsr"
+    ).read_bytes()
+    assert stored.read_bytes() == Path(f"{manifest}.tsr").read_bytes()
+    assert checks[0]["outcome"] == "verified"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Only the public files of a repository are served:
 
-    /config.json, /index.json, /index.json.sig
+    /config.json, /index.json, /index.json.sig, /crls/<name>.crl
     /manifests/<version>/manifest.json, manifest.json.sig, manifest.json.tsr
     /objects/sha256/<2 hex>/<62 hex>
 
@@ -41,6 +41,8 @@ _CATALOG_FILES = frozenset({"config.json", "index.json", "index.json.sig"})
 _RELEASE_FILES = frozenset({"manifest.json", "manifest.json.sig", "manifest.json.tsr"})
 _BLOB_PATH = re.compile(r"objects/sha256/([0-9a-f]{2})/([0-9a-f]{62})")
 _RELEASE_PATH = re.compile(r"manifests/([^/]+)/([^/]+)")
+# Certificate revocation lists that nodes fetch through the mirror.
+_CRL_PATH = re.compile(r"crls/[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.crl")
 _RANGE_SPEC = re.compile(r"([0-9]+)-([0-9]*)|-([0-9]+)")
 _OPAQUE_TAG = re.compile(r'(?:W/)?("[^"]*")')
 
@@ -102,7 +104,7 @@ class Outcome:
 
 def classify_path(relative: str) -> ServedPath | None:
     """Map a path below the repository root to a ServedPath, or None if not served."""
-    if relative in _CATALOG_FILES:
+    if relative in _CATALOG_FILES or _CRL_PATH.fullmatch(relative):
         return ServedPath(relative, None, REVALIDATE)
 
     blob = _BLOB_PATH.fullmatch(relative)
