@@ -49,6 +49,8 @@ def new_key(kind: str = "ec256"):  # noqa: ANN201
         return ec.generate_private_key(ec.SECP384R1())
     if kind == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "rsa1024":
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
     raise ValueError(kind)
 
 
@@ -74,15 +76,20 @@ class TestPki:
         ocsp_url: str | None = None,
         hash_algorithm: hashes.HashAlgorithm | None = None,
         chain: list[Issued] = (),
+        common_name: str | None = None,
     ) -> Issued:
-        """Issue a certificate; ``issuer`` None makes a self-signed root."""
+        """Issue a certificate; ``issuer`` None makes a self-signed root.
+
+        ``name`` names the files; ``common_name`` (default: ``name``) the subject.
+        """
         key = new_key(key_kind)
         public = key.public_key()
         signing_key = issuer.key if issuer else key
-        issuer_name = issuer.certificate.subject if issuer else _name(name)
+        subject = _name(common_name or name)
+        issuer_name = issuer.certificate.subject if issuer else subject
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(name))
+            .subject_name(subject)
             .issuer_name(issuer_name)
             .public_key(public)
             .serial_number(x509.random_serial_number())
@@ -157,13 +164,15 @@ class TestPki:
         issuer: Issued,
         revoked: list[tuple[Issued, dt.datetime, x509.ReasonFlags]] = (),
         name: str | None = None,
+        last_update: dt.datetime | None = None,
+        next_update: dt.datetime | None = None,
     ) -> Path:
         """Write a CRL of ``issuer`` listing ``revoked`` (certificate, date, reason)."""
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(issuer.certificate.subject)
-            .last_update(NOW - dt.timedelta(days=2))
-            .next_update(NOW + dt.timedelta(days=30))
+            .last_update(last_update or NOW - dt.timedelta(days=2))
+            .next_update(next_update or NOW + dt.timedelta(days=30))
             .add_extension(x509.CRLNumber(1), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(

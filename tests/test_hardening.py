@@ -833,16 +833,15 @@ def test_garbage_timestamp_rejected_with_tsa_roots(
     assert hostile.blob_requests() == []
 
 
-def test_unverified_timestamp_token_not_stored(
+def test_garbage_timestamp_token_rejected(
     tmp_path: Path, published: dict, hostile: HostileMirror
 ) -> None:
     replace_timestamp_token(hostile, "AAAA")
     root = tmp_path / "node"
     result = pull(hostile.url, root, published["pki"] / "ca.pem", "1.0.0", False)
-    assert result.returncode == 0, result.stderr
-    assert "timestamp ignored" in result.stderr
-    assert (root / "store" / "manifests" / "1.0.0" / "manifest.json").is_file()
-    assert not (root / "store" / "manifests" / "1.0.0" / "manifest.json.tsr").exists()
+    assert result.returncode == 3, result.stderr
+    assert "timestamp is neither a TimeStampResp nor a TimeStampToken" in result.stderr
+    assert not (root / "store" / "manifests" / "1.0.0").exists()
 
 
 def sign_renamed_release(published: dict, repo: Path, name: str) -> None:

@@ -19,8 +19,10 @@ import pytest
 from asn1crypto import cms as asn1_cms
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509 import ocsp as x509_ocsp
 
 from relman.cas.canonical import canonical_bytes
+from relman.cas.revocation import check_ocsp_response
 from tests.pkitools import (
     CODE_SIGNING,
     EMAIL,
@@ -100,6 +102,7 @@ def pki(tmp_path_factory) -> dict:
         [(made["revoked"], NOW - 5 * DAY, x509.ReasonFlags.key_compromise)],
     )
     made["root_crl"] = issuer.crl(root, [])
+    made["tsa_crl"] = issuer.crl(tsa_root, [])
     return made
 
 
@@ -491,7 +494,10 @@ def test_revoked_before_timestamp_rejected(
 ) -> None:  # noqa: ANN001
     sign(manifest, pki["revoked"], "--tsa-url", tsa.url)
     policy = timestamp_policy(
-        tmp_path, pki, crl_files=[pki["crl"], pki["root_crl"]], revocation="hard-fail"
+        tmp_path,
+        pki,
+        crl_files=[pki["crl"], pki["root_crl"], pki["tsa_crl"]],
+        revocation="hard-fail",
     )
     result = verify(manifest, "--trust-policy", policy)
     assert result.returncode == 3
@@ -973,3 +979,283 @@ def test_pull_uses_signature_cache(pki: dict, tmp_path: Path) -> None:
     assert "was revoked on" in error_line(third)
     assert reasons[:3] == [reasons[0], "cached result", "all checks passed"]
     assert "was revoked on" in reasons[0]
+
+
+# Regressions found by attacking the verifier.
+
+
+def test_look_alike_issuer_keeps_revocation(
+    pki: dict, manifest: Path, tmp_path: Path
+) -> None:
+    """A carried certificate named like the intermediate must not hide its revocation."""
+    look_alike = pki["issuer"].issue(
+        "look-alike", pki["other_root"], ca=True, common_name="intermediate"
+    )
+    carried = tmp_path / "carried.pem"
+    carried.write_bytes(
+        look_alike.cert_path.read_bytes() + pki["intermediate"].cert_path.read_bytes()
+    )
+    revoking_root = pki["issuer"].crl(
+        pki["root"],
+        [(pki["intermediate"], NOW - DAY, x509.ReasonFlags.key_compromise)],
+        name="root-revokes-intermediate.crl",
+    )
+    result = openssl(
+        "cms",
+        "-sign",
+        "-binary",
+        "-in",
+        manifest,
+        "-signer",
+        pki["signer"].cert_path,
+        "-inkey",
+        pki["signer"].key_path,
+        "-outform",
+        "DER",
+        "-out",
+        f"{manifest}.sig",
+        "-certfile",
+        carried,
+    )
+    assert result.returncode == 0, result.stderr
+    policy = write_policy(
+        tmp_path,
+        roots=[pki["root"].cert_path],
+        crl_files=[pki["crl_empty"], revoking_root],
+        revocation="hard-fail",
+    )
+    checked = verify(manifest, "--trust-policy", policy)
+    assert checked.returncode == 3
+    assert "CN=intermediate,O=relman test PKI was revoked on" in error_line(checked)
+
+
+def test_crl_newer_than_timestamp_accepted(
+    pki: dict, manifest: Path, tmp_path: Path, tsa
+) -> None:  # noqa: ANN001
+    sign(manifest, pki["signer"], "--tsa-url", tsa.url)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    fresh = [
+        pki["issuer"].crl(
+            pki["intermediate"], [], name="fresh-intermediate.crl", last_update=later
+        ),
+        pki["issuer"].crl(pki["root"], [], name="fresh-root.crl", last_update=later),
+        pki["issuer"].crl(pki["tsa_root"], [], name="fresh-tsa.crl", last_update=later),
+    ]
+    time.sleep(3)
+    policy = timestamp_policy(tmp_path, pki, crl_files=fresh, revocation="hard-fail")
+    result = verify(manifest, "--trust-policy", policy, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["timestamp"] is not None
+
+
+def test_expired_crl_not_used(pki: dict, manifest: Path, tmp_path: Path, tsa) -> None:  # noqa: ANN001
+    sign(manifest, pki["revoked"], "--tsa-url", tsa.url)
+    stale = pki["issuer"].crl(
+        pki["intermediate"],
+        [],
+        name="stale.crl",
+        last_update=NOW - 10 * DAY,
+        next_update=NOW - 3 * DAY,
+    )
+    policy = timestamp_policy(
+        tmp_path,
+        pki,
+        crl_files=[stale, pki["root_crl"], pki["tsa_crl"]],
+        revocation="hard-fail",
+    )
+    result = verify(manifest, "--trust-policy", policy)
+    assert result.returncode == 3
+    assert "could not be obtained" in error_line(result)
+    assert "stale.crl' expired at" in error_line(
+        result
+    ) or "stale.crl expired at" in error_line(result)
+
+
+def test_compromised_tsa_voids_tokens(
+    pki: dict, manifest: Path, tmp_path: Path, tsa
+) -> None:  # noqa: ANN001
+    sign(manifest, pki["signer"], "--tsa-url", tsa.url)
+    compromised = pki["issuer"].crl(
+        pki["tsa_root"],
+        [
+            (
+                pki["tsa"],
+                dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1),
+                x509.ReasonFlags.key_compromise,
+            )
+        ],
+        name="tsa-compromised.crl",
+    )
+    policy = timestamp_policy(
+        tmp_path, pki, crl_files=[pki["crl_empty"], pki["root_crl"], compromised]
+    )
+    result = verify(manifest, "--trust-policy", policy)
+    assert result.returncode == 3
+    assert "CN=tsa,O=relman test PKI was revoked on" in error_line(result)
+    assert "keyCompromise" in error_line(result)
+
+
+def test_stale_timestamp_file_rejected(pki: dict, manifest: Path, tsa) -> None:  # noqa: ANN001
+    sign(manifest, pki["signer"], "--tsa-url", tsa.url)
+    token = Path(f"{manifest}.tsr").read_bytes()
+    sign(manifest, pki["signer"])
+    assert not Path(f"{manifest}.tsr").exists()
+    Path(f"{manifest}.tsr").write_bytes(token)
+    result = verify(manifest, "--trust", pki["root"].cert_path)
+    assert result.returncode == 3
+    assert "timestamp does not cover this signature" in error_line(result)
+
+
+def test_weak_rsa_key_rejected(pki: dict, manifest: Path) -> None:
+    weak = pki["issuer"].issue(
+        "weak",
+        pki["intermediate"],
+        usages=CODE_SIGNING,
+        chain=[pki["intermediate"]],
+        key_kind="rsa1024",
+    )
+    sign(manifest, weak)
+    result = verify(manifest, "--trust", pki["root"].cert_path)
+    assert result.returncode == 3
+    assert error_line(result) == (
+        "relman verify: the RSA key of CN=weak,O=relman test PKI has 1024 bits, which is too weak; use at least 2048"
+    )
+
+
+def test_pem_signature_accepted(pki: dict, manifest: Path) -> None:
+    result = openssl(
+        "cms",
+        "-sign",
+        "-binary",
+        "-in",
+        manifest,
+        "-signer",
+        pki["signer"].cert_path,
+        "-inkey",
+        pki["signer"].key_path,
+        "-outform",
+        "PEM",
+        "-out",
+        f"{manifest}.sig",
+        "-certfile",
+        pki["intermediate"].cert_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert verify(manifest, "--trust", pki["root"].cert_path).returncode == 0
+
+
+def test_trailing_bytes_rejected(pki: dict, manifest: Path) -> None:
+    sign(manifest, pki["signer"])
+    signature = Path(f"{manifest}.sig")
+    signature.write_bytes(signature.read_bytes() + b"\x00")
+    result = verify(manifest, "--trust", pki["root"].cert_path)
+    assert result.returncode == 3
+    assert "not a valid CMS SignedData" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"pinned_fingerprints": ["zz"]}, "invalid pinned fingerprint 'zz'"),
+        ({"revocation": "hard-fail"}, "needs crl_files, crl_urls or ocsp = true"),
+        ({"ocsp_url": "http://127.0.0.1:9/"}, "ocsp_url is set but ocsp is not true"),
+        ({"require_timestamp": True}, "require_timestamp needs tsa_roots"),
+        ({"crl_urls": ["inter.crl"]}, "invalid URL 'inter.crl'"),
+    ],
+)
+def test_policy_rejects_useless_settings(
+    pki: dict, tmp_path: Path, manifest: Path, keys: dict, message: str
+) -> None:
+    sign(manifest, pki["signer"])
+    policy = write_policy(tmp_path, roots=[pki["root"].cert_path], **keys)
+    result = verify(manifest, "--trust-policy", policy)
+    assert result.returncode == 1
+    assert message in error_line(result)
+
+
+def test_policy_rejects_infinite_timeout(
+    pki: dict, tmp_path: Path, manifest: Path
+) -> None:
+    sign(manifest, pki["signer"])
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'roots = ["{pki["root"].cert_path}"]\nfetch_timeout = inf\n')
+    result = verify(manifest, "--trust-policy", policy)
+    assert result.returncode == 1
+    assert "invalid fetch_timeout inf" in error_line(result)
+
+
+def test_file_signatures_respect_pins(pki: dict, tmp_path: Path) -> None:
+    tree = make_release_tree(tmp_path / "tree", big_size=2048)
+    manifest = tmp_path / "manifest.json"
+    relman(
+        "generate",
+        "--version",
+        "8.0.0",
+        "--release-dir",
+        tree,
+        "--output",
+        manifest,
+        "--sign-files",
+        "--key",
+        pki["rsa"].key_path,
+        "--cert",
+        pki["rsa"].cert_path,
+    )
+    setup = {"tree": tree, "manifest": manifest, "repo": tmp_path / "repo"}
+    publish(setup, pki)
+    server = MirrorProcess(setup["repo"])
+    root = tmp_path / "node"
+    try:
+        relman(
+            "pull",
+            "--mirror",
+            server.url,
+            "--root",
+            root,
+            "--trust",
+            pki["root"].cert_path,
+        )
+    finally:
+        server.stop()
+    fingerprint = pki["signer"].certificate.fingerprint(hashes.SHA256()).hex()
+    pinned = write_policy(
+        tmp_path, roots=[pki["root"].cert_path], pinned_fingerprints=[fingerprint]
+    )
+    result = relman(
+        "apply",
+        "--root",
+        root,
+        "--version",
+        "8.0.0",
+        "--trust-policy",
+        pinned,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "CN=rsa,O=relman test PKI" in error_line(result)
+    assert "is not one of the pinned signers" in error_line(result)
+    assert not (root / "current").exists()
+
+
+def test_ocsp_without_next_update_expires(pki: dict) -> None:
+    builder = (
+        x509_ocsp.OCSPResponseBuilder()
+        .add_response(
+            cert=pki["signer"].certificate,
+            issuer=pki["intermediate"].certificate,
+            algorithm=hashes.SHA1(),
+            cert_status=x509_ocsp.OCSPCertStatus.GOOD,
+            this_update=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+            next_update=None,
+            revocation_time=None,
+            revocation_reason=None,
+        )
+        .responder_id(
+            x509_ocsp.OCSPResponderEncoding.HASH, pki["intermediate"].certificate
+        )
+    )
+    response = builder.sign(pki["intermediate"].key, hashes.SHA256())
+    with pytest.raises(ValueError, match="has no nextUpdate"):
+        check_ocsp_response(
+            response, pki["signer"].certificate, pki["intermediate"].certificate
+        )

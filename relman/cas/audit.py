@@ -9,12 +9,11 @@ lives outside any repository folder, because that folder may be served.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from relman.cas.errors import InputError
 
 
 def default_audit_path() -> Path:
@@ -43,5 +42,8 @@ class AuditFile:
             with os.fdopen(descriptor, "a", encoding="utf-8") as stream:
                 stream.write(line)
         except OSError as error:
-            # The verification result is kept; a lost audit record is logged as an error.
-            logger.error("cannot append to audit log %s: %s", self.path, error)
+            # Every verification must be recorded, so a lost record fails the command.
+            raise InputError(
+                f"cannot append to audit log {str(self.path)!r}: {error.strerror}; fix "
+                "its folder's permissions or pass --audit-log"
+            ) from error

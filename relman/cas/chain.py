@@ -110,38 +110,62 @@ def validate_chain(
     moment = moment or datetime.now(UTC)
     intermediates = list(carried) + list(policy.intermediates if policy else ())
     info = revocation or RevocationInfo()
-    path = _build_path(leaf, intermediates, roots)
+    skip = RevocationCheckingPolicy(
+        RevocationCheckingRule.NO_CHECK, RevocationCheckingRule.NO_CHECK
+    )
+
+    # First pass: find and validate the path without revocation. Revocation
+    # rules and the OCSP issuer come from this validated path, never from
+    # names alone, so a look-alike certificate carried in the signature
+    # cannot change which issuers are checked.
+    path = _validate(leaf, intermediates, roots, usage, moment, skip, info, subject)
 
     checks = policy is not None and policy.checks_revocation
     notes: list[str] = []
-    ocsp_status = None
-    if checks and policy.ocsp and len(path) > 1:
-        ocsp_status = query_ocsp(info, leaf, path[1], policy)
-    rules = (
-        _revocation_rules(path, info, policy, ocsp_status, notes) if checks else None
+    if not checks:
+        return ValidatedChain(tuple(path), False, ())
+    ocsp_status = (
+        query_ocsp(info, leaf, path[1], policy)
+        if policy.ocsp and len(path) > 1
+        else None
     )
+    rules = _revocation_rules(path, info, policy, ocsp_status, notes)
 
+    # Second pass: the same validation with the revocation rules.
+    _validate(leaf, intermediates, roots, usage, moment, rules, info, subject)
+    _check_revocation_dates(path, info, ocsp_status, moment, usage)
+    return ValidatedChain(tuple(path), True, tuple(notes))
+
+
+def _validate(
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    roots: tuple[x509.Certificate, ...] | list[x509.Certificate],
+    usage: str,
+    moment: datetime,
+    rules: RevocationCheckingPolicy,
+    info: RevocationInfo,
+    subject: str,
+) -> list[x509.Certificate]:
+    """Run pyhanko-certvalidator once; return the validated path, leaf first."""
     context = ValidationContext(
         trust_roots=[_to_asn1(root) for root in roots],
         other_certs=[_to_asn1(cert) for cert in intermediates],
         moment=moment,
         allow_fetching=False,
         crls=[crl.public_bytes(serialization.Encoding.DER) for crl in info.crls],
-        revinfo_policy=CertRevTrustPolicy(
-            rules
-            or RevocationCheckingPolicy(
-                RevocationCheckingRule.NO_CHECK, RevocationCheckingRule.NO_CHECK
-            )
-        ),
-        retroactive_revinfo=True,
+        # Revocation data may be newer than the moment of a timestamp; CRLs
+        # that expired before now were already left out by gather_crls.
+        revinfo_policy=CertRevTrustPolicy(rules, retroactive_revinfo=True),
     )
     validator = CertificateValidator(
         _to_asn1(leaf),
         intermediate_certs=[_to_asn1(cert) for cert in intermediates],
         validation_context=context,
     )
+    names_path = _build_path(leaf, intermediates, roots)
     try:
-        asyncio.run(
+        validated = asyncio.run(
             validator.async_validate_usage(
                 key_usage={"digital_signature"}, extended_key_usage={usage}
             )
@@ -151,15 +175,19 @@ def validate_chain(
             f"certificate chain of {subject} does not reach a trusted root"
         ) from error
     except RevokedError as error:
-        raise SignatureError(_revoked_message(path, info, error)) from error
+        raise SignatureError(_revoked_message(names_path, info, error)) from error
     except InsufficientRevinfoError as error:
         raise SignatureError(
             f"revocation status on the path of {subject} could not be checked: {error}"
         ) from error
     except ExpiredError as error:
-        raise SignatureError(_validity_message(path, moment, expired=True)) from error
+        raise SignatureError(
+            _validity_message(names_path, moment, expired=True)
+        ) from error
     except NotYetValidError as error:
-        raise SignatureError(_validity_message(path, moment, expired=False)) from error
+        raise SignatureError(
+            _validity_message(names_path, moment, expired=False)
+        ) from error
     except DisallowedAlgorithmError as error:
         raise SignatureError(
             f"certificate chain of {subject} uses a disallowed algorithm: {error}"
@@ -172,15 +200,55 @@ def validate_chain(
         raise SignatureError(
             f"certificate chain of {subject} is invalid: {error}"
         ) from error
+    return [
+        _from_asn1(cert)
+        for cert in reversed(list(validated.iter_certs(include_root=True)))
+    ]
+
+
+def _check_revocation_dates(
+    path: list[x509.Certificate],
+    info: RevocationInfo,
+    ocsp_status: OcspStatus | None,
+    moment: datetime,
+    usage: str,
+) -> None:
+    """Reject a revocation that took effect at or before ``moment``.
+
+    A CRL entry's invalidityDate, when present, is when the key was known to
+    be compromised; it counts instead of the later revocation date. A
+    timestamp authority whose key was compromised is rejected whatever the
+    dates, because such a key can sign tokens with any time in them.
+    """
+    for certificate, issuer in zip(path, path[1:], strict=False):
+        entry = info.revocation_entry(certificate, issuer)
+        if entry is None:
+            continue
+        effective = _invalidity_date(entry) or entry.revocation_date_utc
+        compromised = _crl_reason(entry) in ("keyCompromise", "cACompromise")
+        if effective <= moment or (usage == TIME_STAMPING and compromised):
+            raise SignatureError(
+                _format_revoked(
+                    certificate, entry.revocation_date_utc, _crl_reason(entry)
+                )
+            )
     if (
         ocsp_status is not None
         and not ocsp_status.good
         and ocsp_status.revoked_at <= moment
     ):
         raise SignatureError(
-            _format_revoked(leaf, ocsp_status.revoked_at, ocsp_status.reason)
+            _format_revoked(path[0], ocsp_status.revoked_at, ocsp_status.reason)
         )
-    return ValidatedChain(tuple(path), rules is not None, tuple(notes))
+
+
+def _invalidity_date(entry: x509.RevokedCertificate) -> datetime | None:
+    try:
+        return entry.extensions.get_extension_for_class(
+            x509.InvalidityDate
+        ).value.invalidity_date_utc
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _require_usage(leaf: x509.Certificate, usage: str) -> None:
@@ -286,8 +354,8 @@ def _unknown(what: str, info: RevocationInfo, policy: TrustPolicy) -> None:
 def _revoked_message(
     path: list[x509.Certificate], info: RevocationInfo, error: Exception
 ) -> str:
-    for certificate in path:
-        entry = info.revocation_entry(certificate)
+    for certificate, issuer in zip(path, path[1:], strict=False):
+        entry = info.revocation_entry(certificate, issuer)
         if entry is not None:
             return _format_revoked(
                 certificate, entry.revocation_date_utc, _crl_reason(entry)

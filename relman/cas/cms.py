@@ -20,6 +20,8 @@ write is read as well as DER.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -276,8 +278,13 @@ def check_content_digest(
 
 
 def _load_signed_data(signature: bytes) -> asn1_cms.SignedData:
+    if not signature:
+        raise SignatureError("the signature file is empty")
+    if signature.lstrip().startswith(b"-----BEGIN"):
+        signature = _pem_body(signature)
     try:
-        info = asn1_cms.ContentInfo.load(signature)
+        # strict: bytes after the structure are an error, not ignored.
+        info = asn1_cms.ContentInfo.load(signature, strict=True)
         if info["content_type"].native != "signed_data":
             raise SignatureError(
                 f"signature is a CMS {info['content_type'].native!r}, expected signed_data"
@@ -376,21 +383,70 @@ def _check_signature_value(
         raise SignatureError(
             f"signature by {subject} uses the weak algorithm {name}; re-sign with SHA-256 or stronger"
         )
+    check_key_strength(public_key, subject)
+    # An algorithm that names its hash (sha512_ecdsa) signs with that hash;
+    # a bare one (ecdsa, rsassa_pkcs1v15) uses the digestAlgorithm's.
+    named_hash = _SIGNATURE_HASHES.get(name)
+    signing_hash = named_hash() if named_hash else hash_class()
     try:
         if isinstance(public_key, rsa.RSAPublicKey) and name == "rsassa_pss":
             public_key.verify(value, signed_bytes, *_pss_parameters(algorithm))
-        elif isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(value, signed_bytes, padding.PKCS1v15(), hash_class())
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            public_key.verify(value, signed_bytes, ec.ECDSA(hash_class()))
+        elif isinstance(public_key, rsa.RSAPublicKey) and name in _RSA_ALGORITHMS:
+            public_key.verify(value, signed_bytes, padding.PKCS1v15(), signing_hash)
+        elif (
+            isinstance(public_key, ec.EllipticCurvePublicKey)
+            and name in _ECDSA_ALGORITHMS
+        ):
+            public_key.verify(value, signed_bytes, ec.ECDSA(signing_hash))
         else:
             raise SignatureError(
-                f"unsupported signer key type {type(public_key).__name__}; use RSA or ECDSA"
+                f"signature algorithm {name!r} does not fit the {type(public_key).__name__} "
+                f"key of {subject}; use RSA (PKCS#1 v1.5 or PSS) or ECDSA"
             )
     except InvalidSignature as error:
         raise SignatureError(
             f"signature value does not verify with the key of {subject}"
         ) from error
+
+
+_RSA_ALGORITHMS = ("rsassa_pkcs1v15", "sha256_rsa", "sha384_rsa", "sha512_rsa")
+_ECDSA_ALGORITHMS = ("ecdsa", "sha256_ecdsa", "sha384_ecdsa", "sha512_ecdsa")
+_SIGNATURE_HASHES = {
+    "sha256_rsa": hashes.SHA256,
+    "sha384_rsa": hashes.SHA384,
+    "sha512_rsa": hashes.SHA512,
+    "sha256_ecdsa": hashes.SHA256,
+    "sha384_ecdsa": hashes.SHA384,
+    "sha512_ecdsa": hashes.SHA512,
+}
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def check_key_strength(public_key, subject: str) -> None:  # noqa: ANN001
+    """Raise SignatureError for RSA keys under 2048 bits and curves other than P-256/384/521."""
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < MIN_RSA_BITS:
+        raise SignatureError(
+            f"the RSA key of {subject} has {public_key.key_size} bits, which is too weak; "
+            f"use at least {MIN_RSA_BITS}"
+        )
+    if (
+        isinstance(public_key, ec.EllipticCurvePublicKey)
+        and public_key.curve.name not in ALLOWED_CURVES
+    ):
+        raise SignatureError(
+            f"the key of {subject} uses curve {public_key.curve.name}; use P-256, P-384 or P-521"
+        )
+
+
+def _pem_body(data: bytes) -> bytes:
+    """Return the DER inside a PEM signature, as ``openssl cms -outform PEM`` writes it."""
+    lines = [line.strip() for line in data.decode("ascii", "replace").splitlines()]
+    body = "".join(line for line in lines if line and not line.startswith("-----"))
+    try:
+        return base64.b64decode(body, validate=True)
+    except binascii.Error as error:
+        raise SignatureError("the PEM signature has an invalid base64 body") from error
 
 
 def _pss_parameters(algorithm) -> tuple[padding.PSS, hashes.HashAlgorithm]:  # noqa: ANN001

@@ -235,16 +235,30 @@ def _run_generate(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def _reject_inside(path: Path, release_dir: Path, what: str) -> None:
     """Raise InputError if ``path`` is ``release_dir`` or lies inside it."""
-    try:
-        path.resolve().relative_to(release_dir.resolve())
-    except ValueError:
-        return
-    raise InputError(
-        f"{what} {str(path)!r} lies inside the release folder {str(release_dir)!r}; "
-        "choose a path outside it, so it does not become part of the release"
-    )
+    if _is_inside(path, release_dir):
+        raise InputError(
+            f"{what} {str(path)!r} lies inside the release folder {str(release_dir)!r}; "
+            "choose a path outside it, so it does not become part of the release"
+        )
+
+
+def _reject_private_inside(path: Path, repository: Path) -> None:
+    """Raise InputError if ``path`` lies in the repository folder, which may be served."""
+    if _is_inside(path, repository):
+        raise InputError(
+            f"audit log {str(path)!r} lies inside the repository {str(repository)!r}, "
+            "which mirrors and web servers may serve; keep it outside"
+        )
 
 
 def _check_output_file(output: Path) -> None:
@@ -326,8 +340,13 @@ def _run_sign(arguments: argparse.Namespace) -> int:
             result["timestamp_time"] = stamp.time.strftime("%Y-%m-%dT%H:%M:%SZ")
         result["timestamp"] = output.removesuffix(".sig") + ".tsr"
     atomic_write_bytes(output, signature)
+    stale = Path(output.removesuffix(".sig") + ".tsr")
     if token is not None:
         atomic_write_bytes(result["timestamp"], token)
+    elif stale.is_file():
+        # A timestamp beside the file belongs to the signature just replaced.
+        stale.unlink()
+        logger.warning("removed %s: it timestamped the previous signature", stale)
     text = f"wrote {output}" + (f" and {result['timestamp']}" if token else "")
     emit(result, text, arguments.json)
     return 0
@@ -440,6 +459,8 @@ def _register_publish(subcommands: argparse._SubParsersAction) -> None:
 
 def _run_publish(arguments: argparse.Namespace) -> int:
     _reject_inside(Path(arguments.repo), Path(arguments.release_dir), "repository")
+    if arguments.audit_log:
+        _reject_private_inside(Path(arguments.audit_log), Path(arguments.repo))
     body, manifest = read_manifest(arguments.manifest)
     signature_path = arguments.signature or arguments.manifest + ".sig"
     signature = read_file(signature_path, "signature")

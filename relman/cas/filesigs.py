@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from datetime import datetime
 
 from cryptography import x509
 
@@ -23,6 +24,7 @@ from relman.cas.errors import SignatureError
 from relman.cas.manifest import Manifest, ReleaseFile
 from relman.cas.policy import TrustPolicy, certificate_fingerprint
 from relman.cas.revocation import gather_crls
+from relman.cas.verify import check_pins
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,12 @@ def verify_file_signatures(
     manifest: Manifest,
     manifest_signer: x509.Certificate,
     policy: TrustPolicy | None = None,
+    moment: datetime | None = None,
 ) -> int:
     """Verify every file_signature of ``manifest``; return how many were checked.
+
+    With a policy, a file signer must pass the policy's pins and its chain is
+    checked at ``moment``: the manifest's verified timestamp, else now.
 
     Raises:
         SignatureError: a file signature is malformed, covers other content,
@@ -46,7 +52,7 @@ def verify_file_signatures(
         if entry.file_signature is None:
             continue
         try:
-            _verify_one(entry, accepted, manifest_signer, policy)
+            _verify_one(entry, accepted, manifest_signer, policy, moment)
         except SignatureError as error:
             raise SignatureError(
                 f"file signature of {entry.path!r} is invalid: {error}"
@@ -62,6 +68,7 @@ def _verify_one(
     accepted: set[str],
     manifest_signer: x509.Certificate,
     policy: TrustPolicy | None,
+    moment: datetime | None,
 ) -> None:
     try:
         signature = base64.b64decode(entry.file_signature or "", validate=True)
@@ -82,13 +89,15 @@ def _verify_one(
             f"it is signed by {subject_of(parsed.signer)}, not by the manifest's signer "
             f"{subject_of(manifest_signer)}; pass --trust or --trust-policy to accept other signers"
         )
+    check_pins(parsed.signer, policy)
     revocation = gather_crls(policy) if policy.checks_revocation else None
     validate_chain(
         parsed.signer,
         parsed.carried_certificates,
         policy.roots,
         CODE_SIGNING,
-        policy=policy,
-        revocation=revocation,
+        moment,
+        policy,
+        revocation,
     )
     accepted.add(fingerprint)

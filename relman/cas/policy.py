@@ -9,6 +9,7 @@ docs/security.md describes every key.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from relman.cas.pki import load_certificates
 
 REVOCATION_MODES = ("soft-fail", "hard-fail")
 DEFAULT_FETCH_TIMEOUT = 10.0
+MAX_FETCH_TIMEOUT = 3600.0
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 _KEYS = {
     "roots": list,
@@ -169,10 +172,12 @@ def load_policy(path: str | Path) -> TrustPolicy:
                 f"trust policy {str(path)!r}: CRL file {str(crl)!r} does not exist"
             )
     timeout = float(data.get("fetch_timeout", DEFAULT_FETCH_TIMEOUT))
-    if timeout <= 0:
+    if not 0 < timeout <= MAX_FETCH_TIMEOUT:
         raise InputError(
-            f"trust policy {str(path)!r}: fetch_timeout must be above 0 seconds"
+            f"trust policy {str(path)!r}: invalid fetch_timeout {timeout!r}, expected "
+            f"seconds above 0 and at most {MAX_FETCH_TIMEOUT:.0f}"
         )
+    _check_consistency(data, str(path))
 
     return TrustPolicy(
         roots=roots,
@@ -186,10 +191,7 @@ def load_policy(path: str | Path) -> TrustPolicy:
         ocsp=data.get("ocsp", False),
         ocsp_url=data.get("ocsp_url") or None,
         revocation=revocation,
-        pinned_fingerprints=frozenset(
-            value.lower().replace(":", "").removeprefix("sha256")
-            for value in _strings(data, "pinned_fingerprints", str(path))
-        ),
+        pinned_fingerprints=frozenset(_fingerprints(data, str(path))),
         pinned_subjects=frozenset(_strings(data, "pinned_subjects", str(path))),
         fetch_timeout=timeout,
         source=str(path),
@@ -241,3 +243,42 @@ def _load_all(
     for name in _strings({key: names}, key, source):
         certificates.extend(load_certificates(folder / name))
     return tuple(certificates)
+
+
+def _fingerprints(data: dict[str, Any], source: str) -> list[str]:
+    """Normalise pinned fingerprints: hex, colons and a "sha256" prefix allowed."""
+    result = []
+    for value in _strings(data, "pinned_fingerprints", source):
+        normal = value.lower().replace(":", "").removeprefix("sha256")
+        if not _FINGERPRINT.fullmatch(normal):
+            raise InputError(
+                f"trust policy {source!r}: invalid pinned fingerprint {value!r}, expected "
+                "the 64 hex digits of a SHA-256 certificate fingerprint"
+            )
+        result.append(normal)
+    return result
+
+
+def _check_consistency(data: dict[str, Any], source: str) -> None:
+    """Reject settings that would silently do nothing."""
+    sources = data.get("crl_files") or data.get("crl_urls") or data.get("ocsp")
+    if data.get("revocation") == "hard-fail" and not sources:
+        raise InputError(
+            f'trust policy {source!r}: revocation = "hard-fail" needs crl_files, '
+            "crl_urls or ocsp = true; without a source nothing is checked"
+        )
+    if data.get("ocsp_url") and not data.get("ocsp"):
+        raise InputError(
+            f"trust policy {source!r}: ocsp_url is set but ocsp is not true"
+        )
+    if data.get("require_timestamp") and not data.get("tsa_roots"):
+        raise InputError(
+            f"trust policy {source!r}: require_timestamp needs tsa_roots to verify timestamps"
+        )
+    for url in data.get("crl_urls", []) + (
+        [data["ocsp_url"]] if data.get("ocsp_url") else []
+    ):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise InputError(
+                f"trust policy {source!r}: invalid URL {url!r}, expected http:// or https://"
+            )

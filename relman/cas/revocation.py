@@ -31,8 +31,11 @@ logger = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 
-# Clock skew allowed between this machine and an OCSP responder.
+# Clock skew allowed between this machine and a CRL or OCSP issuer.
 OCSP_CLOCK_SKEW = timedelta(minutes=5)
+# An OCSP response without nextUpdate is accepted only this soon after its
+# thisUpdate, so a recorded "good" answer cannot be replayed later.
+OCSP_MAX_AGE_WITHOUT_NEXT_UPDATE = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -60,21 +63,37 @@ class RevocationInfo:
         )
         return hashlib.sha256("".join(digests).encode()).hexdigest()
 
+    def crls_from(
+        self, issuer: x509.Certificate
+    ) -> list[x509.CertificateRevocationList]:
+        """Return the loaded CRLs that ``issuer`` signed (checked by signature, not by name)."""
+        return [
+            crl
+            for crl in self.crls
+            if crl.issuer == issuer.subject and _signed_by(crl, issuer)
+        ]
+
     def has_crl_from(self, issuer: x509.Certificate) -> bool:
-        return any(crl.issuer == issuer.subject for crl in self.crls)
+        return bool(self.crls_from(issuer))
 
     def revocation_entry(
-        self, certificate: x509.Certificate
+        self, certificate: x509.Certificate, issuer: x509.Certificate
     ) -> x509.RevokedCertificate | None:
-        """Return the CRL entry that revokes ``certificate``, if a loaded CRL lists it."""
-        for crl in self.crls:
-            if crl.issuer == certificate.issuer:
-                entry = crl.get_revoked_certificate_by_serial_number(
-                    certificate.serial_number
-                )
-                if entry is not None:
-                    return entry
+        """Return the entry of an ``issuer`` CRL that revokes ``certificate``, if any."""
+        for crl in self.crls_from(issuer):
+            entry = crl.get_revoked_certificate_by_serial_number(
+                certificate.serial_number
+            )
+            if entry is not None:
+                return entry
         return None
+
+
+def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())
+    except (TypeError, ValueError):
+        return False
 
 
 def parse_crl(data: bytes, source: str) -> x509.CertificateRevocationList:
@@ -92,17 +111,41 @@ def gather_crls(policy: TrustPolicy) -> RevocationInfo:
     info = RevocationInfo()
     for path in policy.crl_files:
         try:
-            info.crls.append(parse_crl(path.read_bytes(), str(path)))
+            _add_current(info, parse_crl(path.read_bytes(), str(path)), str(path))
         except (OSError, ValueError) as error:
             info.problems.append(f"CRL file {str(path)!r} unreadable: {error}")
     for url in policy.crl_urls:
         try:
-            info.crls.append(parse_crl(_http(url, None, policy.fetch_timeout), url))
+            _add_current(
+                info, parse_crl(_http(url, None, policy.fetch_timeout), url), url
+            )
         except (OSError, ValueError) as error:
             info.problems.append(f"CRL {url} could not be fetched: {error}")
     for problem in info.problems:
         logger.warning("%s", problem)
     return info
+
+
+def _add_current(
+    info: RevocationInfo, crl: x509.CertificateRevocationList, source: str
+) -> None:
+    """Keep ``crl`` if it is current now; an expired CRL is a problem, not data.
+
+    The check is against the current time even when a timestamp moves the
+    chain check into the past, so an old CRL cannot hide a later revocation.
+    """
+    now = datetime.now(UTC)
+    if crl.last_update_utc > now + OCSP_CLOCK_SKEW:
+        info.problems.append(
+            f"CRL {source} is not valid before {crl.last_update_utc:%Y-%m-%d %H:%M} UTC"
+        )
+        return
+    if crl.next_update_utc is not None and crl.next_update_utc < now:
+        info.problems.append(
+            f"CRL {source} expired at {crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
+        )
+        return
+    info.crls.append(crl)
 
 
 def query_ocsp(
@@ -191,6 +234,12 @@ def check_ocsp_response(
     if single.this_update_utc > now + OCSP_CLOCK_SKEW:
         raise ValueError(
             f"its thisUpdate {single.this_update_utc:%Y-%m-%d %H:%M} lies in the future"
+        )
+    too_old = now - OCSP_MAX_AGE_WITHOUT_NEXT_UPDATE
+    if single.next_update_utc is None and single.this_update_utc < too_old:
+        raise ValueError(
+            f"it has no nextUpdate, and its thisUpdate {single.this_update_utc:%Y-%m-%d %H:%M} "
+            f"is more than {OCSP_MAX_AGE_WITHOUT_NEXT_UPDATE.seconds // 60} minutes old"
         )
     if (
         single.next_update_utc is not None
@@ -310,10 +359,22 @@ def _http(url: str, body: bytes | None, timeout: float) -> bytes:
         headers["Content-Type"] = "application/ocsp-request"
     request = urllib.request.Request(url, data=body, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             data = response.read(MAX_RESPONSE_BYTES + 1)
     except urllib.error.URLError as error:
         raise OSError(str(error.reason)) from error
     if len(data) > MAX_RESPONSE_BYTES:
         raise OSError(f"response from {url} is larger than {MAX_RESPONSE_BYTES} bytes")
     return data
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Treat a redirect as an error: revocation data comes from the configured URL only."""
+
+    def redirect_request(self, request, fp, code, message, headers, new_url):  # noqa: ANN001, ANN201, PLR0913
+        raise urllib.error.HTTPError(
+            request.full_url, code, f"redirect to {new_url} refused", headers, fp
+        )
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())

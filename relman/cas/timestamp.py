@@ -18,7 +18,7 @@ import hashlib
 import logging
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from asn1crypto import cms as asn1_cms
@@ -36,6 +36,7 @@ from rfc3161_client.errors import VerificationError as ClientVerificationError
 from relman.cas.chain import TIME_STAMPING, subject_of, validate_chain
 from relman.cas.errors import FetchError, SignatureError
 from relman.cas.policy import TrustPolicy
+from relman.cas.revocation import RevocationInfo
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def request_timestamp(signature_value: bytes, url: str, timeout: float = 30) -> 
         raise SignatureError(
             f"timestamp from {url} does not echo the request's nonce; it may be replayed"
         )
-    _check_imprint(response, signature_value)
+    check_imprint(response, signature_value)
     return response.as_bytes()
 
 
@@ -141,7 +142,10 @@ def embedded_tokens(signer_info: asn1_cms.SignerInfo) -> list[bytes]:
 
 
 def verify_timestamp(
-    data: bytes, signature_value: bytes, policy: TrustPolicy
+    data: bytes,
+    signature_value: bytes,
+    policy: TrustPolicy,
+    revocation: RevocationInfo | None = None,
 ) -> VerifiedTimestamp:
     """Verify a timestamp over ``signature_value`` against the policy's TSA roots.
 
@@ -157,7 +161,7 @@ def verify_timestamp(
         raise SignatureError(
             f"timestamp response has status {response.status}, not granted"
         )
-    _check_imprint(response, signature_value)
+    check_imprint(response, signature_value)
 
     moment = response.tst_info.gen_time
     authority = _authority_certificate(response)
@@ -165,14 +169,29 @@ def verify_timestamp(
         x509.load_der_x509_certificate(cert)
         for cert in response.signed_data.certificates
     ]
-    validate_chain(authority, carried, policy.tsa_roots, TIME_STAMPING, moment)
+    # The TSA is checked against the policy's CRLs. Its OCSP status is not
+    # asked: a policy's ocsp_url names the signers' responder.
+    tsa_policy = replace(policy, ocsp=False) if policy.checks_revocation else None
+    validate_chain(
+        authority,
+        carried,
+        policy.tsa_roots,
+        TIME_STAMPING,
+        moment,
+        tsa_policy,
+        revocation,
+    )
 
     builder = VerifierBuilder()
+    added: list[x509.Certificate] = []
     for root in policy.tsa_roots:
-        builder = builder.add_root_certificate(root)
+        if root not in added:
+            builder = builder.add_root_certificate(root)
+            added.append(root)
     for certificate in carried:
-        if certificate != authority and certificate not in policy.tsa_roots:
+        if certificate != authority and certificate not in added:
             builder = builder.add_intermediate_certificate(certificate)
+            added.append(certificate)
     try:
         builder.build().verify_message(response, signature_value)
     except ClientVerificationError as error:
@@ -185,7 +204,8 @@ def verify_timestamp(
     )
 
 
-def _check_imprint(response: TimeStampResponse, signature_value: bytes) -> None:
+def check_imprint(response: TimeStampResponse, signature_value: bytes) -> None:
+    """Raise SignatureError unless the token's message imprint is the digest of ``signature_value``."""
     imprint = response.tst_info.message_imprint
     hash_function = _IMPRINT_HASHES.get(imprint.hash_algorithm.dotted_string)
     if hash_function is None:

@@ -33,13 +33,20 @@ from relman.cas.chain import CODE_SIGNING, subject_of, validate_chain
 from relman.cas.cms import ParsedSignature, check_content, parse_signature
 from relman.cas.errors import SignatureError
 from relman.cas.policy import TrustPolicy, certificate_fingerprint
-from relman.cas.revocation import gather_crls
-from relman.cas.timestamp import VerifiedTimestamp, embedded_tokens, verify_timestamp
+from relman.cas.revocation import RevocationInfo, gather_crls
+from relman.cas.timestamp import (
+    VerifiedTimestamp,
+    check_imprint,
+    embedded_tokens,
+    load_timestamp,
+    verify_timestamp,
+)
 
 logger = logging.getLogger(__name__)
 
 AuditCallback = Callable[[dict[str, Any]], None]
 RETRY_FAILURES_AFTER = timedelta(hours=1)
+VERIFIER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,12 @@ def verify_signature(
     except SignatureError as error:
         _record(audit, attempt, "rejected", str(error))
         raise
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError) as error:
+        # Parsers of hostile input raise these for values they cannot handle;
+        # any of them means the signature is rejected, never accepted.
+        message = f"malformed signature or timestamp: {type(error).__name__}: {error}"
+        _record(audit, attempt, "rejected", message)
+        raise SignatureError(message) from error
     _record(
         audit,
         attempt,
@@ -177,14 +190,18 @@ def _verify(
     fingerprint = certificate_fingerprint(parsed.signer)
 
     # 5. Pinned signers.
-    _check_pins(parsed.signer, policy)
+    check_pins(parsed.signer, policy)
+
+    # 7. Revocation data, for the timestamp authority and for the signer.
+    revocation = gather_crls(policy) if policy.checks_revocation else None
 
     # 6. Timestamp: its time is the moment of the chain check.
-    attempt.timestamp = _verify_timestamps(parsed, policy, timestamp, attempt.notes)
+    attempt.timestamp = _verify_timestamps(
+        parsed, policy, timestamp, attempt.notes, revocation
+    )
     moment = attempt.timestamp.time if attempt.timestamp else datetime.now(UTC)
 
-    # 7. Revocation data, and the cache, whose key covers the CRLs.
-    revocation = gather_crls(policy) if policy.checks_revocation else None
+    # The cache key covers the CRLs, so a new CRL is always checked.
     key = _cache_key(attempt.content_hash, signature, timestamp, policy, revocation)
     use_cache = cache is not None and not policy.ocsp
     if use_cache:
@@ -209,29 +226,47 @@ def _verify(
         )
     except SignatureError as error:
         if use_cache:
-            # A failure at the current time may pass later (a certificate not yet
-            # valid), so it is kept for an hour at most.
-            retry_at = (
-                None if attempt.timestamp else datetime.now(UTC) + RETRY_FAILURES_AFTER
-            )
+            # A failure may pass later (a certificate not yet valid, a CRL not
+            # yet reachable), so it is kept for an hour at most.
+            retry_at = datetime.now(UTC) + RETRY_FAILURES_AFTER
             cache.put(key, False, subject, fingerprint, str(error), retry_at)
         raise
     attempt.notes.extend(chain.revocation_notes)
     if use_cache:
-        # Without a timestamp the chain was checked at the current time, so the
-        # result holds only until the first certificate of the path expires.
-        expires = (
-            None
-            if attempt.timestamp
-            else min(cert.not_valid_after_utc for cert in chain.certificates)
+        cache.put(
+            key,
+            True,
+            subject,
+            fingerprint,
+            "",
+            _valid_until(chain, attempt, revocation),
         )
-        cache.put(key, True, subject, fingerprint, "", expires)
     return Verification(
         parsed.signer, subject, fingerprint, attempt.timestamp, tuple(attempt.notes)
     )
 
 
-def _check_pins(signer: x509.Certificate, policy: TrustPolicy) -> None:
+def _valid_until(
+    chain, attempt: _Attempt, revocation: RevocationInfo | None
+) -> datetime | None:  # noqa: ANN001
+    """Return when a cached success must be checked again.
+
+    Without a timestamp the chain was checked at the current time, so the
+    result holds only until the first certificate of the path expires. With
+    revocation data, it holds only until the first CRL used expires.
+    """
+    limits = []
+    if attempt.timestamp is None:
+        limits.extend(cert.not_valid_after_utc for cert in chain.certificates)
+    if revocation is not None:
+        limits.extend(
+            crl.next_update_utc for crl in revocation.crls if crl.next_update_utc
+        )
+    return min(limits) if limits else None
+
+
+def check_pins(signer: x509.Certificate, policy: TrustPolicy) -> None:
+    """Raise SignatureError if the policy pins signers and ``signer`` is not one of them."""
     if not (policy.pinned_fingerprints or policy.pinned_subjects):
         return
     subject = subject_of(signer)
@@ -251,6 +286,7 @@ def _verify_timestamps(
     policy: TrustPolicy,
     timestamp: bytes | None,
     notes: list[str],
+    revocation: RevocationInfo | None,
 ) -> VerifiedTimestamp | None:
     candidates = ([timestamp] if timestamp else []) + embedded_tokens(
         parsed.signer_info
@@ -262,14 +298,15 @@ def _verify_timestamps(
             )
         return None
     if not policy.tsa_roots:
-        if policy.require_timestamp:
-            raise SignatureError(
-                "the trust policy requires a timestamp but names no tsa_roots to verify it"
-            )
-        notes.append("timestamp ignored: the trust policy names no tsa_roots")
+        # Without TSA roots the token cannot be trusted, but a token that does
+        # not even cover this signature (a stale .tsr) is still an error.
+        check_imprint(load_timestamp(candidates[0]), parsed.signature_value)
+        notes.append(
+            "timestamp ignored: no tsa_roots are configured, so its time is not trusted"
+        )
         logger.warning("%s", notes[-1])
         return None
-    return verify_timestamp(candidates[0], parsed.signature_value, policy)
+    return verify_timestamp(candidates[0], parsed.signature_value, policy, revocation)
 
 
 def _cache_key(
@@ -283,7 +320,10 @@ def _cache_key(
         signature + b"\x00" + (timestamp or b"")
     ).hexdigest()
     crl_digest = revocation.crl_digest() if revocation else ""
-    policy_hash = hashlib.sha256(f"{policy.digest()}:{crl_digest}".encode()).hexdigest()
+    # The verifier version is part of the key, so results cached by an older
+    # relman are checked again after an upgrade.
+    material = f"{VERIFIER_VERSION}:{policy.digest()}:{crl_digest}"
+    policy_hash = hashlib.sha256(material.encode()).hexdigest()
     return content_hash, signature_hash, policy_hash
 
 

@@ -23,6 +23,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from relman.cas.blobstore import BLOB_MODE, BlobStore
@@ -85,7 +86,7 @@ def apply_release(
     with node.lock(), node.state() as state:
         finish_interrupted_flip(node, state)
         try:
-            release = _load_verified(node, version, policy, state)
+            release, moment = _load_verified(node, version, policy, state)
             manifest, manifest_hash = release.manifest, release.manifest_hash
             current = node.link_version(node.current)
             _check_upgrade_path(manifest, current, allow_downgrade)
@@ -93,7 +94,7 @@ def apply_release(
             check_release_symlinks(manifest, blobs)
             _verify_blobs(manifest, blobs)
             signer = parse_signature(release.signature).signer
-            verify_file_signatures(manifest, signer, policy)
+            verify_file_signatures(manifest, signer, policy, moment)
             reused = _ensure_tree(node, manifest, blobs)
             if current == version:
                 previous = node.link_version(node.previous)
@@ -199,22 +200,25 @@ def _load_stored(node: Node, version: str) -> StoredRelease:
 
 def _load_verified(
     node: Node, version: str, policy: TrustPolicy | None, state
-) -> StoredRelease:  # noqa: ANN001
+) -> tuple[StoredRelease, datetime | None]:  # noqa: ANN001
+    """Return the stored release and, when verified here, its timestamp's time."""
     release = _load_stored(node, version)
     if policy is not None:
-        verify_signature(
+        verification = verify_signature(
             release.body,
             release.signature,
             policy,
             release.timestamp,
             audit=state.security_audit,
         )
-    elif state.verified_hash(version) != release.manifest_hash:
+        stamp = verification.timestamp
+        return release, stamp.time if stamp else None
+    if state.verified_hash(version) != release.manifest_hash:
         raise InputError(
             f"the manifest of {version} in the store was not verified by `relman pull` "
             "on this node; pull it again, or pass --trust CA.pem to verify it now"
         )
-    return release
+    return release, None
 
 
 def _check_upgrade_path(
