@@ -6,13 +6,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv system-packages clean
+.PHONY: demo test stress lint venv system-packages clean
 
 demo: $(STAMP)
 	$(BIN)/relman demo
 
 test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Stress tests: repeated crashes and races, bounded by RELMAN_STRESS_ROUNDS.
+stress: $(STAMP) system-packages
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check relman tests bench

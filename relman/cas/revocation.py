@@ -34,7 +34,7 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # Clock skew allowed between this machine and a CRL or OCSP issuer.
 OCSP_CLOCK_SKEW = timedelta(minutes=5)
 # An OCSP response without nextUpdate is accepted only this soon after its
-# thisUpdate, so a recorded "good" answer cannot be replayed later.
+# thisUpdate, so a recorded "good" response cannot be replayed later.
 OCSP_MAX_AGE_WITHOUT_NEXT_UPDATE = timedelta(minutes=15)
 
 

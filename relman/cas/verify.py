@@ -12,10 +12,10 @@
    usage (relman.cas.chain).
 
 Every result, success or failure, is passed to the ``audit`` callback with
-the signer's fingerprint and the reason. Results are cached by (hash of the
-signed bytes, hash of signature and timestamp, hash of policy and CRLs);
-with OCSP on, the cache is not used, because a responder's status may
-change at any time.
+the signer's fingerprint and the reason. Results are cached by the hash of
+the signed bytes, the hash of signature and timestamp, and a hash of policy
+and CRLs. With OCSP on, the cache is not used, because a responder's status
+may change at any time.
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def _run_pull(arguments: argparse.Namespace) -> int:
             "retries": stats.retries,
             "seconds": round(result.seconds, 3),
         },
-        f"pulled {result.version}: fetched {stats.blobs_fetched} blobs, "
+        f"pulled {result.version}: fetched {stats.blobs_fetched} "
+        f"{'blob' if stats.blobs_fetched == 1 else 'blobs'}, "
         f"{format_bytes(stats.bytes_received)} of a {format_bytes(result.release_size)} "
         f"release, in {result.seconds:.2f} s",
         arguments.json,
