@@ -311,7 +311,7 @@ def _ensure_tree(node: Node, manifest: Manifest, blobs: BlobStore) -> bool:
     """Make sure ``releases/<version>`` is complete; return True if it already was.
 
     A tree that no longer matches is rebuilt beside it and swapped in with one
-    atomic exchange of the two folders, so a running release never sees a
+    atomic exchange of the two folders, so a running release never finds a
     missing or half-built tree, even when relman is killed in between.
     """
     target = node.releases / manifest.version

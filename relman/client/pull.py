@@ -128,8 +128,8 @@ def verify_envelope(
     # 3. The signed manifest is well formed.
     manifest = parse_manifest_bytes(body)
     # The token is not covered by the signature, so it is kept only if it verified.
-    kept = timestamp if signer.timestamp is not None else None
-    return VerifiedEnvelope(manifest, body, signature, kept, signer)
+    verified_timestamp = timestamp if signer.timestamp is not None else None
+    return VerifiedEnvelope(manifest, body, signature, verified_timestamp, signer)
 
 
 def _decode_timestamp(token: object) -> bytes | None:
