@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+from tests.support import relman
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,3 +19,11 @@ def audit_log_in_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> N
     os.environ["RELMAN_AUDIT_LOG"] = str(
         tmp_path_factory.mktemp("audit") / "audit.jsonl"
     )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A development PKI made by ``relman pki init``, shared by the whole session."""
+    folder = tmp_path_factory.mktemp("pki")
+    relman("pki", "init", folder)
+    return folder

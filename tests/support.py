@@ -35,6 +35,90 @@ def relman(
     return completed
 
 
+def relman_sign(manifest: Path, pki: Path, *extra: str | os.PathLike) -> None:
+    """Sign ``manifest`` with the signer of a ``relman pki init`` folder."""
+    relman(
+        "sign",
+        "--manifest",
+        manifest,
+        "--key",
+        pki / "signer.key",
+        "--cert",
+        pki / "signer.pem",
+        *extra,
+    )
+
+
+def openssl(
+    *args: str | os.PathLike, check: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the real openssl command; with ``check``, fail the test on a non-zero exit."""
+    completed = subprocess.run(
+        ["openssl", *map(str, args)], capture_output=True, text=True
+    )
+    if check and completed.returncode != 0:
+        raise AssertionError(
+            f"openssl {' '.join(map(str, args))} failed: {completed.stderr}"
+        )
+    return completed
+
+
+def openssl_sign(
+    content: Path,
+    cert: Path,
+    key: Path,
+    *extra: str | os.PathLike,
+    output: Path | None = None,
+    outform: str = "DER",
+    check: bool = False,
+) -> subprocess.CompletedProcess:
+    """Sign ``content`` with ``openssl cms -sign -binary`` into ``output`` (default: content.sig)."""
+    return openssl(
+        "cms",
+        "-sign",
+        "-binary",
+        "-in",
+        content,
+        "-signer",
+        cert,
+        "-inkey",
+        key,
+        "-outform",
+        outform,
+        "-out",
+        output or f"{content}.sig",
+        *extra,
+        check=check,
+    )
+
+
+def openssl_verify(
+    signature: Path | str, content: Path, ca: Path
+) -> subprocess.CompletedProcess:
+    """Verify a detached DER signature with ``openssl cms -verify``, any purpose allowed.
+
+    OpenSSL 3.0 checks the S/MIME signing purpose by default, which a
+    code-signing certificate lacks, hence ``-purpose any``.
+    """
+    return openssl(
+        "cms",
+        "-verify",
+        "-binary",
+        "-inform",
+        "DER",
+        "-in",
+        signature,
+        "-content",
+        content,
+        "-CAfile",
+        ca,
+        "-purpose",
+        "any",
+        "-out",
+        "/dev/null",
+    )
+
+
 def make_release_tree(
     root: Path, big_size: int = 3 * 1024 * 1024, seed: int = 1
 ) -> Path:

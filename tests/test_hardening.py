@@ -26,6 +26,7 @@ from tests.support import (
     MirrorProcess,
     RelayProxy,
     make_release_tree,
+    openssl_sign,
     publish_version,
     relman,
     wait_for,
@@ -312,26 +313,7 @@ def sign_manifest(pki: Path, body: dict, folder: Path) -> None:
     folder.mkdir(parents=True)
     manifest = folder / "manifest.json"
     manifest.write_bytes(canonical_bytes(body))
-    subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-sign",
-            "-binary",
-            "-outform",
-            "DER",
-            "-in",
-            manifest,
-            "-signer",
-            pki / "signer.pem",
-            "-inkey",
-            pki / "signer.key",
-            "-out",
-            folder / "manifest.json.sig",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    openssl_sign(manifest, pki / "signer.pem", pki / "signer.key", check=True)
 
 
 # A version whose name contains the mark of apply's staging folders.

@@ -28,6 +28,7 @@ from relman.cas.repository import Repository
 from relman.mirror.app import start_mirror, stop_mirror
 from tests import support
 from tests.support import MirrorProcess as Server
+from tests.support import relman_sign
 
 RELMAN = support.RELMAN
 BIG_SIZE = 700_000  # spans several 256 KiB chunks of the server
@@ -80,15 +81,7 @@ def publish(
         "2026-03-01T12:00:00Z",
         *flags,
     )
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(manifest, pki)
     relman(
         "publish",
         "--repo",
@@ -132,13 +125,6 @@ class Published:
     repo: Path
     pki: Path
     files: dict[str, bytes]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pki")
-    relman("pki", "init", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

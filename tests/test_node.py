@@ -18,6 +18,7 @@ from tests.support import (
     MirrorProcess,
     RelayProxy,
     make_release_tree,
+    openssl_sign,
     publish_version,
     relman,
     tree_snapshot,
@@ -474,25 +475,8 @@ def test_apply_rejects_unsafe_manifest_path(
             pki / "signer.pem",
             check=False,
         )
-        subprocess.run(
-            [
-                "openssl",
-                "cms",
-                "-sign",
-                "-binary",
-                "-in",
-                folder / "manifest.json",
-                "-signer",
-                pki / "signer.pem",
-                "-inkey",
-                pki / "signer.key",
-                "-outform",
-                "DER",
-                "-out",
-                folder / "manifest.json.sig",
-            ],
-            check=True,
-            capture_output=True,
+        openssl_sign(
+            folder / "manifest.json", pki / "signer.pem", pki / "signer.key", check=True
         )
         before = tree_snapshot(root / "releases"), os.readlink(root / "current")
         result = apply(root, version, False, "--trust", str(ca))

@@ -9,14 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import make_release_tree, relman, tree_snapshot
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pki")
-    relman("pki", "init", folder)
-    return folder
+from tests.support import make_release_tree, relman, relman_sign, tree_snapshot
 
 
 @pytest.fixture
@@ -26,15 +19,7 @@ def signed(tmp_path: Path, pki: Path) -> tuple[Path, Path]:
     relman(
         "generate", "--version", "1.0.0", "--release-dir", tree, "--output", manifest
     )
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(manifest, pki)
     return tree, manifest
 
 
@@ -147,15 +132,7 @@ def test_publish_rejects_other_content(tmp_path: Path, pki: Path, signed) -> Non
     (tree / "etc" / "app.conf").write_text("port = 9090\n")
     other = tmp_path / "other.json"
     relman("generate", "--version", "1.0.0", "--release-dir", tree, "--output", other)
-    relman(
-        "sign",
-        "--manifest",
-        other,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(other, pki)
     before = tree_snapshot(repo)
     result = publish(repo, other, tree, pki, check=False)
     assert result.returncode == 1

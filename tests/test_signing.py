@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.support import make_release_tree, relman
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pki")
-    relman("pki", "init", folder)
-    return folder
+from tests.support import (
+    make_release_tree,
+    openssl,
+    openssl_sign,
+    openssl_verify,
+    relman,
+    relman_sign,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,6 @@ def manifest(tmp_path: Path) -> Path:
     output = tmp_path / "manifest.json"
     relman("generate", "--version", "2.0.0", "--release-dir", tree, "--output", output)
     return output
-
-
-def openssl(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True)
 
 
 def test_pki_init_writes_files(pki: Path) -> None:
@@ -78,15 +73,7 @@ def test_pki_help_says_tests_only() -> None:
 
 
 def test_sign_then_verify(pki: Path, manifest: Path) -> None:
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(manifest, pki)
     result = relman(
         "verify", "--manifest", manifest, "--trust", pki / "ca.pem", "--json"
     )
@@ -97,46 +84,14 @@ def test_sign_then_verify(pki: Path, manifest: Path) -> None:
 
 
 def test_relman_signature_verifies_with_openssl(pki: Path, manifest: Path) -> None:
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
-    result = openssl(
-        "cms",
-        "-verify",
-        "-binary",
-        "-inform",
-        "DER",
-        "-in",
-        f"{manifest}.sig",
-        "-content",
-        manifest,
-        "-CAfile",
-        pki / "ca.pem",
-        "-purpose",
-        "any",
-        "-out",
-        "/dev/null",
-    )
+    relman_sign(manifest, pki)
+    result = openssl_verify(f"{manifest}.sig", manifest, pki / "ca.pem")
     assert result.returncode == 0, result.stderr
     assert "Verification successful" in result.stderr
 
 
 def test_relman_signature_has_signed_attributes(pki: Path, manifest: Path) -> None:
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(manifest, pki)
     result = openssl(
         "cms", "-cmsout", "-print", "-inform", "DER", "-in", f"{manifest}.sig"
     )
@@ -151,37 +106,14 @@ def test_openssl_signature_verifies_with_relman(
     pki: Path, manifest: Path, stream: bool
 ) -> None:
     extra = ["-stream"] if stream else []
-    result = openssl(
-        "cms",
-        "-sign",
-        "-binary",
-        "-in",
-        manifest,
-        "-signer",
-        pki / "signer.pem",
-        "-inkey",
-        pki / "signer.key",
-        "-outform",
-        "DER",
-        "-out",
-        f"{manifest}.sig",
-        *extra,
-    )
+    result = openssl_sign(manifest, pki / "signer.pem", pki / "signer.key", *extra)
     assert result.returncode == 0, result.stderr
     verified = relman("verify", "--manifest", manifest, "--trust", pki / "ca.pem")
     assert verified.stdout.startswith("verified: version 2.0.0")
 
 
 def test_verify_rejects_changed_manifest(pki: Path, manifest: Path) -> None:
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(manifest, pki)
     body = manifest.read_bytes()
     manifest.write_bytes(body.replace(b'"v2.0.0"', b'"v2.0.1"'))
     result = relman(
@@ -194,15 +126,7 @@ def test_verify_rejects_changed_manifest(pki: Path, manifest: Path) -> None:
 def test_verify_rejects_untrusted_root(
     pki: Path, other_pki: Path, manifest: Path
 ) -> None:
-    relman(
-        "sign",
-        "--manifest",
-        manifest,
-        "--key",
-        pki / "signer.key",
-        "--cert",
-        pki / "signer.pem",
-    )
+    relman_sign(manifest, pki)
     result = relman(
         "verify", "--manifest", manifest, "--trust", other_pki / "ca.pem", check=False
     )

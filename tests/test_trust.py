@@ -11,7 +11,6 @@ import base64
 import datetime as dt
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,7 +31,15 @@ from tests.pkitools import (
     TestPki,
     resign_token,
 )
-from tests.support import MirrorProcess, make_release_tree, publish_version, relman
+from tests.support import (
+    MirrorProcess,
+    make_release_tree,
+    openssl,
+    openssl_sign,
+    openssl_verify,
+    publish_version,
+    relman,
+)
 from tests.trust_servers import OcspResponder, TimestampAuthority
 
 DAY = dt.timedelta(days=1)
@@ -143,12 +150,6 @@ def sign(manifest: Path, issued, *extra: str) -> None:  # noqa: ANN001
 
 def verify(manifest: Path, *options: str | Path):
     return relman("verify", "--manifest", manifest, *options, check=False)
-
-
-def openssl(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["openssl", *map(str, args)], capture_output=True, text=True, check=False
-    )
 
 
 def error_line(result) -> str:  # noqa: ANN001
@@ -609,23 +610,7 @@ def test_key_types_relman_signs(
 ) -> None:
     sign(manifest, pki[name], *extra)
     assert verify(manifest, "--trust", pki["root"].cert_path).returncode == 0
-    checked = openssl(
-        "cms",
-        "-verify",
-        "-binary",
-        "-inform",
-        "DER",
-        "-in",
-        f"{manifest}.sig",
-        "-content",
-        manifest,
-        "-CAfile",
-        pki["root"].cert_path,
-        "-purpose",
-        "any",
-        "-out",
-        "/dev/null",
-    )
+    checked = openssl_verify(f"{manifest}.sig", manifest, pki["root"].cert_path)
     assert checked.returncode == 0, checked.stderr
 
 
@@ -635,20 +620,11 @@ def test_key_types_relman_signs(
     ids=["pkcs1", "pss", "sha384"],
 )
 def test_key_types_openssl_signs(pki: dict, manifest: Path, options: list[str]) -> None:
-    result = openssl(
-        "cms",
-        "-sign",
-        "-binary",
-        "-in",
+    rsa_signer = pki["rsa"]
+    result = openssl_sign(
         manifest,
-        "-signer",
-        pki["rsa"].cert_path,
-        "-inkey",
-        pki["rsa"].key_path,
-        "-outform",
-        "DER",
-        "-out",
-        f"{manifest}.sig",
+        rsa_signer.cert_path,
+        rsa_signer.key_path,
         "-certfile",
         pki["intermediate"].cert_path,
         *options,
@@ -659,23 +635,8 @@ def test_key_types_openssl_signs(pki: dict, manifest: Path, options: list[str]) 
 
 
 def test_sha1_signature_rejected(pki: dict, manifest: Path) -> None:
-    result = openssl(
-        "cms",
-        "-sign",
-        "-binary",
-        "-md",
-        "sha1",
-        "-in",
-        manifest,
-        "-signer",
-        pki["signer"].cert_path,
-        "-inkey",
-        pki["signer"].key_path,
-        "-outform",
-        "DER",
-        "-out",
-        f"{manifest}.sig",
-    )
+    signer = pki["signer"]
+    result = openssl_sign(manifest, signer.cert_path, signer.key_path, "-md", "sha1")
     assert result.returncode == 0, result.stderr
     checked = verify(manifest, "--trust", pki["root"].cert_path)
     assert checked.returncode == 3
@@ -685,21 +646,12 @@ def test_sha1_signature_rejected(pki: dict, manifest: Path) -> None:
 
 
 def test_ber_signature_accepted(pki: dict, manifest: Path) -> None:
-    result = openssl(
-        "cms",
-        "-sign",
-        "-binary",
-        "-stream",
-        "-in",
+    signer = pki["signer"]
+    result = openssl_sign(
         manifest,
-        "-signer",
-        pki["signer"].cert_path,
-        "-inkey",
-        pki["signer"].key_path,
-        "-outform",
-        "DER",
-        "-out",
-        f"{manifest}.sig",
+        signer.cert_path,
+        signer.key_path,
+        "-stream",
         "-certfile",
         pki["intermediate"].cert_path,
     )
@@ -872,22 +824,8 @@ def test_file_signature_openssl_verifies(pki: dict, signed_files_repo: dict) -> 
     entry = next(item for item in body["files"] if item["type"] != "symlink")
     signature = signed_files_repo["tree"].parent / "file.sig"
     signature.write_bytes(base64.b64decode(entry["file_signature"]))
-    result = openssl(
-        "cms",
-        "-verify",
-        "-binary",
-        "-inform",
-        "DER",
-        "-in",
-        signature,
-        "-content",
-        signed_files_repo["tree"] / entry["path"],
-        "-CAfile",
-        pki["root"].cert_path,
-        "-purpose",
-        "any",
-        "-out",
-        "/dev/null",
+    result = openssl_verify(
+        signature, signed_files_repo["tree"] / entry["path"], pki["root"].cert_path
     )
     assert result.returncode == 0, result.stderr
 
@@ -1000,22 +938,9 @@ def test_look_alike_issuer_keeps_revocation(
         [(pki["intermediate"], NOW - DAY, x509.ReasonFlags.key_compromise)],
         name="root-revokes-intermediate.crl",
     )
-    result = openssl(
-        "cms",
-        "-sign",
-        "-binary",
-        "-in",
-        manifest,
-        "-signer",
-        pki["signer"].cert_path,
-        "-inkey",
-        pki["signer"].key_path,
-        "-outform",
-        "DER",
-        "-out",
-        f"{manifest}.sig",
-        "-certfile",
-        carried,
+    signer = pki["signer"]
+    result = openssl_sign(
+        manifest, signer.cert_path, signer.key_path, "-certfile", carried
     )
     assert result.returncode == 0, result.stderr
     policy = write_policy(
@@ -1123,22 +1048,14 @@ def test_weak_rsa_key_rejected(pki: dict, manifest: Path) -> None:
 
 
 def test_pem_signature_accepted(pki: dict, manifest: Path) -> None:
-    result = openssl(
-        "cms",
-        "-sign",
-        "-binary",
-        "-in",
+    signer = pki["signer"]
+    result = openssl_sign(
         manifest,
-        "-signer",
-        pki["signer"].cert_path,
-        "-inkey",
-        pki["signer"].key_path,
-        "-outform",
-        "PEM",
-        "-out",
-        f"{manifest}.sig",
+        signer.cert_path,
+        signer.key_path,
         "-certfile",
         pki["intermediate"].cert_path,
+        outform="PEM",
     )
     assert result.returncode == 0, result.stderr
     assert verify(manifest, "--trust", pki["root"].cert_path).returncode == 0
