@@ -35,6 +35,27 @@ def relman(
     return completed
 
 
+def relman_publish(
+    repo: Path,
+    manifest: Path,
+    tree: Path,
+    *options: str | os.PathLike,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run ``relman publish`` of ``manifest`` and ``tree`` into ``repo`` with ``options``."""
+    return relman(
+        "publish",
+        "--repo",
+        repo,
+        "--manifest",
+        manifest,
+        "--release-dir",
+        tree,
+        *options,
+        check=check,
+    )
+
+
 def relman_sign(manifest: Path, pki: Path, *extra: str | os.PathLike) -> None:
     """Sign ``manifest`` with the signer of a ``relman pki init`` folder."""
     relman(
@@ -188,17 +209,7 @@ def publish_version(
         "--cert",
         cert or pki / "signer.pem",
     )
-    relman(
-        "publish",
-        "--repo",
-        repo,
-        "--manifest",
-        manifest,
-        "--release-dir",
-        tree,
-        "--trust",
-        trust or pki / "ca.pem",
-    )
+    relman_publish(repo, manifest, tree, "--trust", trust or pki / "ca.pem")
     return manifest
 
 

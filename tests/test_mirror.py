@@ -28,7 +28,7 @@ from relman.cas.repository import Repository
 from relman.mirror.app import start_mirror, stop_mirror
 from tests import support
 from tests.support import MirrorProcess as Server
-from tests.support import relman_sign
+from tests.support import relman_publish, relman_sign
 
 RELMAN = support.RELMAN
 BIG_SIZE = 700_000  # spans several 256 KiB chunks of the server
@@ -82,17 +82,7 @@ def publish(
         *flags,
     )
     relman_sign(manifest, pki)
-    relman(
-        "publish",
-        "--repo",
-        repo,
-        "--manifest",
-        manifest,
-        "--release-dir",
-        tree,
-        "--trust",
-        pki / "ca.pem",
-    )
+    relman_publish(repo, manifest, tree, "--trust", pki / "ca.pem")
     return tree
 
 

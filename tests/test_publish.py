@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import make_release_tree, relman, relman_sign, tree_snapshot
+from tests.support import (
+    make_release_tree,
+    relman,
+    relman_publish,
+    relman_sign,
+    tree_snapshot,
+)
 
 
 @pytest.fixture
@@ -24,18 +30,8 @@ def signed(tmp_path: Path, pki: Path) -> tuple[Path, Path]:
 
 
 def publish(repo: Path, manifest: Path, tree: Path, pki: Path, check: bool = True):
-    return relman(
-        "publish",
-        "--repo",
-        repo,
-        "--manifest",
-        manifest,
-        "--release-dir",
-        tree,
-        "--trust",
-        pki / "ca.pem",
-        "--json",
-        check=check,
+    return relman_publish(
+        repo, manifest, tree, "--trust", pki / "ca.pem", "--json", check=check
     )
 
 

@@ -39,6 +39,7 @@ from tests.support import (
     openssl_verify,
     publish_version,
     relman,
+    relman_publish,
 )
 from tests.trust_servers import OcspResponder, TimestampAuthority
 
@@ -53,43 +54,28 @@ def pki(tmp_path_factory) -> dict:
     root = issuer.issue("root", ca=True)
     intermediate = issuer.issue("intermediate", issuer=root, ca=True)
     tsa_root = issuer.issue("tsa-root", ca=True)
-    made = {
-        "folder": folder,
-        "issuer": issuer,
-        "root": root,
-        "intermediate": intermediate,
-        "signer": issuer.issue(
-            "signer", intermediate, usages=CODE_SIGNING, chain=[intermediate]
+    other_root = issuer.issue("other-root", ca=True)
+
+    def code_signer(name: str, **options: object):  # noqa: ANN202
+        return issuer.issue(
+            name, intermediate, usages=CODE_SIGNING, chain=[intermediate], **options
+        )
+
+    signers = {
+        "signer": code_signer("signer"),
+        "expired": code_signer(
+            "expired", not_before=NOW - 400 * DAY, not_after=NOW - 30 * DAY
         ),
+        "revoked": code_signer("revoked"),
+        "rsa": code_signer("rsa", key_kind="rsa"),
+        "p384": code_signer("p384", key_kind="ec384"),
         "leaf_only": issuer.issue("leaf-only", intermediate, usages=CODE_SIGNING),
-        "expired": issuer.issue(
-            "expired",
-            intermediate,
-            usages=CODE_SIGNING,
-            chain=[intermediate],
-            not_before=NOW - 400 * DAY,
-            not_after=NOW - 30 * DAY,
-        ),
-        "revoked": issuer.issue(
-            "revoked", intermediate, usages=CODE_SIGNING, chain=[intermediate]
-        ),
         "email": issuer.issue(
             "email", intermediate, usages=EMAIL, chain=[intermediate]
         ),
-        "rsa": issuer.issue(
-            "rsa",
-            intermediate,
-            usages=CODE_SIGNING,
-            chain=[intermediate],
-            key_kind="rsa",
-        ),
-        "p384": issuer.issue(
-            "p384",
-            intermediate,
-            usages=CODE_SIGNING,
-            chain=[intermediate],
-            key_kind="ec384",
-        ),
+        "other": issuer.issue("other-signer", other_root, usages=CODE_SIGNING),
+    }
+    services = {
         "tsa": issuer.issue(
             "tsa", tsa_root, usages=TIME_STAMPING, eku_critical=True, chain=[tsa_root]
         ),
@@ -97,20 +83,27 @@ def pki(tmp_path_factory) -> dict:
             "tsa-no-eku", tsa_root, usages=CODE_SIGNING, chain=[tsa_root]
         ),
         "ocsp": issuer.issue("ocsp-responder", intermediate, usages=OCSP_SIGNING),
-        "other_root": issuer.issue("other-root", ca=True),
-        "tsa_root": tsa_root,
     }
-    made["other"] = issuer.issue(
-        "other-signer", made["other_root"], usages=CODE_SIGNING
-    )
-    made["crl_empty"] = issuer.crl(intermediate, [], name="intermediate-empty.crl")
-    made["crl"] = issuer.crl(
-        intermediate,
-        [(made["revoked"], NOW - 5 * DAY, x509.ReasonFlags.key_compromise)],
-    )
-    made["root_crl"] = issuer.crl(root, [])
-    made["tsa_crl"] = issuer.crl(tsa_root, [])
-    return made
+    revocation_lists = {
+        "crl_empty": issuer.crl(intermediate, [], name="intermediate-empty.crl"),
+        "crl": issuer.crl(
+            intermediate,
+            [(signers["revoked"], NOW - 5 * DAY, x509.ReasonFlags.key_compromise)],
+        ),
+        "root_crl": issuer.crl(root, []),
+        "tsa_crl": issuer.crl(tsa_root, []),
+    }
+    return {
+        "folder": folder,
+        "issuer": issuer,
+        "root": root,
+        "intermediate": intermediate,
+        "tsa_root": tsa_root,
+        "other_root": other_root,
+        **signers,
+        **services,
+        **revocation_lists,
+    }
 
 
 @pytest.fixture
@@ -133,6 +126,16 @@ def write_policy(folder: Path, name: str = "policy.toml", **keys: object) -> Pat
     path = folder / name
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def crl_policy(folder: Path, pki: dict) -> Path:
+    """Write a hard-fail policy with the intermediate's CRL (revoking "revoked") and the root's."""
+    return write_policy(
+        folder,
+        roots=[pki["root"].cert_path],
+        crl_files=[pki["crl"], pki["root_crl"]],
+        revocation="hard-fail",
+    )
 
 
 def sign(manifest: Path, issued, *extra: str) -> None:  # noqa: ANN001
@@ -213,12 +216,7 @@ def test_chain_wrong_extended_usage(pki: dict, manifest: Path) -> None:
 
 def test_revoked_by_crl(pki: dict, manifest: Path, tmp_path: Path) -> None:
     sign(manifest, pki["revoked"])
-    policy = write_policy(
-        tmp_path,
-        roots=[pki["root"].cert_path],
-        crl_files=[pki["crl"], pki["root_crl"]],
-        revocation="hard-fail",
-    )
+    policy = crl_policy(tmp_path, pki)
     result = verify(manifest, "--trust-policy", policy)
     revoked_on = (NOW - 5 * DAY).strftime("%Y-%m-%d")
     assert result.returncode == 3
@@ -230,12 +228,7 @@ def test_revoked_by_crl(pki: dict, manifest: Path, tmp_path: Path) -> None:
 
 def test_crl_lists_other_serial(pki: dict, manifest: Path, tmp_path: Path) -> None:
     sign(manifest, pki["signer"])
-    policy = write_policy(
-        tmp_path,
-        roots=[pki["root"].cert_path],
-        crl_files=[pki["crl"], pki["root_crl"]],
-        revocation="hard-fail",
-    )
+    policy = crl_policy(tmp_path, pki)
     result = verify(manifest, "--trust-policy", policy)
     assert result.returncode == 0, result.stderr
 
@@ -316,16 +309,8 @@ def test_pull_keeps_verified_timestamp(pki: dict, tmp_path: Path, tsa) -> None: 
     )
     sign(manifest, pki["signer"], "--tsa-url", tsa.url)
     repo = tmp_path / "repo"
-    relman(
-        "publish",
-        "--repo",
-        repo,
-        "--manifest",
-        manifest,
-        "--release-dir",
-        tree,
-        "--trust-policy",
-        timestamp_policy(tmp_path, pki),
+    relman_publish(
+        repo, manifest, tree, "--trust-policy", timestamp_policy(tmp_path, pki)
     )
     root = tmp_path / "node"
     server = MirrorProcess(repo)
@@ -749,13 +734,9 @@ def signed_files_repo(pki: dict, tmp_path: Path) -> dict:
 
 def publish(setup: dict, pki: dict) -> None:
     sign(setup["manifest"], pki["signer"])
-    relman(
-        "publish",
-        "--repo",
+    relman_publish(
         setup["repo"],
-        "--manifest",
         setup["manifest"],
-        "--release-dir",
         setup["tree"],
         "--trust",
         pki["root"].cert_path,
@@ -849,12 +830,7 @@ def publish_with(tmp_path: Path, pki: dict, version: str, signer) -> Path:  # no
 
 def test_pull_rejects_revoked_signer(pki: dict, tmp_path: Path) -> None:
     repo = publish_with(tmp_path, pki, "5.0.0", pki["revoked"])
-    policy = write_policy(
-        tmp_path,
-        roots=[pki["root"].cert_path],
-        crl_files=[pki["crl"], pki["root_crl"]],
-        revocation="hard-fail",
-    )
+    policy = crl_policy(tmp_path, pki)
     root = tmp_path / "node"
     server = MirrorProcess(repo)
     try:

@@ -185,38 +185,17 @@ def _run_generate(arguments: argparse.Namespace) -> int:
     output = Path(arguments.output)
     _reject_inside(output, release_dir, "output")
     _check_output_file(output)
-    notes = arguments.release_notes
-    if arguments.release_notes_file:
-        notes = read_file(arguments.release_notes_file, "release notes").decode("utf-8")
-    build = {
-        key: value
-        for key, value in (
-            ("build_commit", arguments.build_commit),
-            ("build_date", arguments.build_date),
-            ("compiler_version", arguments.compiler_version),
-        )
-        if value is not None
-    }
-    info = ReleaseInfo(
-        version=arguments.version,
-        tag_name=arguments.tag_name,
-        release_notes=notes,
-        release_date=parse_release_date(arguments.release_date)
-        if arguments.release_date
-        else None,
-        is_critical=arguments.critical,
-        build=build,
-        dependencies=arguments.dependency,
-        min_upgrade_from=arguments.min_upgrade_from,
-    )
+    if arguments.sign_files and not (arguments.key and arguments.cert):
+        raise InputError("--sign-files needs --key and --cert")
+
+    info = _release_info(arguments)
     with progress_bar(0, "hashing") as bar:
         manifest = build_manifest(
             release_dir, info, arguments.exclude, arguments.threads, bar.update
         )
     if arguments.sign_files:
-        if not (arguments.key and arguments.cert):
-            raise InputError("--sign-files needs --key and --cert")
         manifest = sign_files(manifest, arguments.key, arguments.cert)
+
     body = manifest.canonical()
     atomic_write_bytes(output, body)
     digest = sha256_hex(body)
@@ -233,6 +212,35 @@ def _run_generate(arguments: argparse.Namespace) -> int:
         arguments.json,
     )
     return 0
+
+
+def _release_info(arguments: argparse.Namespace) -> ReleaseInfo:
+    """Collect the release facts given as options of ``relman generate``."""
+    notes = arguments.release_notes
+    if arguments.release_notes_file:
+        notes = read_file(arguments.release_notes_file, "release notes").decode("utf-8")
+    build = {
+        key: value
+        for key, value in (
+            ("build_commit", arguments.build_commit),
+            ("build_date", arguments.build_date),
+            ("compiler_version", arguments.compiler_version),
+        )
+        if value is not None
+    }
+    release_date = None
+    if arguments.release_date:
+        release_date = parse_release_date(arguments.release_date)
+    return ReleaseInfo(
+        version=arguments.version,
+        tag_name=arguments.tag_name,
+        release_notes=notes,
+        release_date=release_date,
+        is_critical=arguments.critical,
+        build=build,
+        dependencies=arguments.dependency,
+        min_upgrade_from=arguments.min_upgrade_from,
+    )
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

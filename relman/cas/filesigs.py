@@ -18,13 +18,13 @@ from datetime import datetime
 
 from cryptography import x509
 
-from relman.cas.chain import CODE_SIGNING, subject_of, validate_chain
+from relman.cas.chain import subject_of
 from relman.cas.cms import check_content_digest, parse_signature
 from relman.cas.errors import SignatureError
 from relman.cas.manifest import Manifest, ReleaseFile
 from relman.cas.policy import TrustPolicy, certificate_fingerprint
 from relman.cas.revocation import gather_crls
-from relman.cas.verify import check_pins
+from relman.cas.verify import check_pins, validate_signer
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,5 @@ def _verify_one(
         )
     check_pins(parsed.signer, policy)
     revocation = gather_crls(policy) if policy.checks_revocation else None
-    validate_chain(
-        parsed.signer,
-        parsed.carried_certificates,
-        policy.roots,
-        CODE_SIGNING,
-        moment,
-        policy,
-        revocation,
-    )
+    validate_signer(parsed, policy, moment, revocation)
     accepted.add(fingerprint)

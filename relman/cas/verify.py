@@ -29,7 +29,7 @@ from typing import Any
 
 from cryptography import x509
 
-from relman.cas.chain import CODE_SIGNING, subject_of, validate_chain
+from relman.cas.chain import CODE_SIGNING, ValidatedChain, subject_of, validate_chain
 from relman.cas.cms import ParsedSignature, check_content, parse_signature
 from relman.cas.errors import SignatureError
 from relman.cas.policy import TrustPolicy, certificate_fingerprint
@@ -215,15 +215,7 @@ def _verify(
 
     # 8. The chain, at the moment chosen in step 6.
     try:
-        chain = validate_chain(
-            parsed.signer,
-            parsed.carried_certificates,
-            policy.roots,
-            CODE_SIGNING,
-            moment,
-            policy,
-            revocation,
-        )
+        chain = validate_signer(parsed, policy, moment, revocation)
     except SignatureError as error:
         if use_cache:
             # A failure may pass later (a certificate not yet valid, a CRL not
@@ -263,6 +255,24 @@ def _valid_until(
             crl.next_update_utc for crl in revocation.crls if crl.next_update_utc
         )
     return min(limits) if limits else None
+
+
+def validate_signer(
+    parsed: ParsedSignature,
+    policy: TrustPolicy,
+    moment: datetime | None,
+    revocation: RevocationInfo | None,
+) -> ValidatedChain:
+    """Validate a signer's chain as a code signer under ``policy`` at ``moment``."""
+    return validate_chain(
+        parsed.signer,
+        parsed.carried_certificates,
+        policy.roots,
+        CODE_SIGNING,
+        moment,
+        policy,
+        revocation,
+    )
 
 
 def check_pins(signer: x509.Certificate, policy: TrustPolicy) -> None:
